@@ -1,0 +1,109 @@
+"""Batch containers and padding. Dataclasses so Lightning moves their tensors to the device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+PaddingSide = Literal["left", "right"]
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_value: int, side: PaddingSide = "right", length: int | None = None
+) -> torch.Tensor:
+    """Stack variable-length integer sequences into a ``(B, T)`` long tensor padded on ``side``.
+
+    Args:
+        seqs: ``B`` sequences.
+        pad_value: Fill value.
+        side: ``right`` (tokens first) or ``left`` (padding first, as generation needs).
+        length: Pad to this length (default: the longest sequence).
+    """
+    T = length if length is not None else max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = list(s)[:T]
+        if not s:
+            continue
+        if side == "right":
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+@dataclass
+class TokenBatch:
+    """Prompt + response sequences for SFT / demonstrations."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    loss_mask: torch.Tensor  # (B, T) 1 on response tokens
+    domain_ids: torch.Tensor  # (B,) index into the data module's domain_names
+    prompt_input_ids: torch.Tensor | None = None  # (B, P) left-padded prompts (for sampling on demo prompts)
+    prompt_attention_mask: torch.Tensor | None = None  # (B, P)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, start: int, stop: int) -> "TokenBatch":
+        """Rows ``start:stop`` (a micro-batch)."""
+        opt = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return TokenBatch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.loss_mask[start:stop],
+            self.domain_ids[start:stop],
+            opt(self.prompt_input_ids),
+            opt(self.prompt_attention_mask),
+        )
+
+
+@dataclass
+class PreferenceBatch:
+    """``B`` preference pairs stored as ``2B`` sequences: rows ``0..B-1`` chosen, rows ``B..2B-1`` rejected."""
+
+    input_ids: torch.Tensor  # (2B, T)
+    attention_mask: torch.Tensor  # (2B, T)
+    loss_mask: torch.Tensor  # (2B, T) 1 on response tokens
+    domain_ids: torch.Tensor  # (B,)
+    ref_logps: torch.Tensor | None = None  # (2B,) cached reference log-probs (DPO precompute_ref_logprobs)
+    index: torch.Tensor | None = None  # (B,) dataset row indices
+
+    @property
+    def num_pairs(self) -> int:
+        return self.domain_ids.shape[0]
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def slice(self, start: int, stop: int) -> "PreferenceBatch":
+        """Pairs ``start:stop`` (a micro-batch), chosen and rejected rows kept together."""
+        B = self.num_pairs
+        rows = torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)]).to(self.input_ids.device)
+        return PreferenceBatch(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.loss_mask[rows],
+            self.domain_ids[start:stop],
+            None if self.ref_logps is None else self.ref_logps[rows],
+            None if self.index is None else self.index[start:stop],
+        )
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts for generation."""
+
+    input_ids: torch.Tensor  # (B, P) left padded
+    attention_mask: torch.Tensor  # (B, P)
+    domain_ids: torch.Tensor  # (B,)
+    prompt_ids: list[str] = field(default_factory=list)  # stable ids (sha256 of the prompt text)
+    prompts: list[str] = field(default_factory=list)  # the prompt text as given
+    domains: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]

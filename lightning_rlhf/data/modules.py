@@ -1,0 +1,451 @@
+"""LightningDataModules for preferences, demonstrations and prompts.
+
+Each reads local files or hub datasets (see :mod:`lightning_rlhf.data.sources`), validates every row, tokenizes
+with ``datasets.Dataset.map`` and pads in the collate function. The tokenizer is the training module's own
+(``trainer.lightning_module.tokenizer``) unless ``tokenizer_name_or_path`` names another.
+
+Truncation keeps the response: a prompt longer than ``max_prompt_length`` tokens is an invalid row; when
+prompt + response exceed ``max_length``, the prompt is cut from the left (keeping its end, never below
+``min(len(prompt), max_length // 2)`` tokens) and then the response is cut from the right.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.data.batches import PaddingSide, PreferenceBatch, PromptBatch, TokenBatch, pad_sequences
+from lightning_rlhf.data.sources import (
+    BUILTIN_PREFIX,
+    DataValidationError,
+    Row,
+    expand_paths,
+    prompt_id,
+    read_rows,
+    resolve_builtin,
+)
+
+log = logging.getLogger(__name__)
+
+
+def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Fit ``prompt + response`` into ``max_length`` tokens, keeping the response where possible.
+
+    The prompt loses tokens from its start first (down to ``min(len(prompt), max_length // 2)``), then the
+    response loses tokens from its end.
+    """
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    keep_prompt = max(max_length - len(response), min(len(prompt), max_length // 2))
+    prompt = prompt[len(prompt) - keep_prompt :]
+    return prompt, response[: max_length - len(prompt)]
+
+
+class _TextDataModule(L.LightningDataModule):
+    """Shared machinery of the data modules (reading, validation, tokenization, splits, loaders)."""
+
+    kind: str = ""  # preferences | demonstrations | prompts
+    text_fields: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        train_path: str | list[str] = "builtin:hh-rlhf",
+        val_path: str | list[str] | None = None,
+        val_fraction: float = 0.05,
+        hub_split: str = "train",
+        prompt_column: str = "prompt",
+        domain_column: str | None = "domain",
+        tokenizer_name_or_path: str | None = None,
+        apply_chat_template: bool | None = None,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        max_train_rows: int | None = None,
+        max_val_rows: int | None = None,
+        skip_invalid_rows: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if max_prompt_length >= max_length and self.kind != "prompts":
+            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length}).")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.train_path = train_path
+        self.val_path = val_path
+        self.val_fraction = val_fraction
+        self.hub_split = hub_split
+        self.prompt_column = prompt_column
+        self.domain_column = domain_column
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.apply_chat_template = apply_chat_template
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.max_train_rows = max_train_rows
+        self.max_val_rows = max_val_rows
+        self.skip_invalid_rows = skip_invalid_rows
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer: Any = None
+        self.domain_names: list[str] = []
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.num_skipped: int = 0
+
+    # ------------------------------------------------------------------ subclass interface
+    def columns(self) -> dict[str, str]:
+        """Logical field -> column name."""
+        raise NotImplementedError
+
+    def encode(self, rows: dict[str, list], encoder: "_Encoder") -> dict[str, list]:
+        """Tokenize a batch of rows (``datasets.map(batched=True)``); must add ``prompt_len`` per row."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ setup
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use this tokenizer (otherwise it comes from ``tokenizer_name_or_path`` or the training module)."""
+        self.tokenizer = tokenizer
+
+    def _resolve_tokenizer(self) -> Any:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_name_or_path is not None:
+            from lightning_rlhf.models.factory import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path)
+            return self.tokenizer
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        tok = getattr(module, "tokenizer", None)
+        if tok is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer: set data.tokenizer_name_or_path, call set_tokenizer(), "
+                "or use it with a module that has a `tokenizer` attribute."
+            )
+        self.tokenizer = tok
+        return tok
+
+    def _sources(self, spec: str | list[str], split: str) -> list[str]:
+        if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
+            return [resolve_builtin(spec, self.kind, split)]
+        return expand_paths(spec)
+
+    def _read(self, spec: str | list[str], split: str) -> list[Row]:
+        report = read_rows(
+            self._sources(spec, split), self.columns(), self.domain_column, self.skip_invalid_rows, self.hub_split
+        )
+        self.num_skipped += len(report.skipped)
+        return report.rows
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        tokenizer = self._resolve_tokenizer()
+        encoder = _Encoder(tokenizer, self.max_length, self.max_prompt_length, self.apply_chat_template)
+        train_rows = self._read(self.train_path, "train")
+        if self.val_path is not None:
+            val_rows = self._read(self.val_path, "train")
+        elif isinstance(self.train_path, str) and self.train_path.startswith(BUILTIN_PREFIX):
+            val_rows = self._read(self.train_path, "test")
+        elif self.val_fraction > 0:
+            # split by prompt hash so one prompt never lands in both splits
+            cut = int(self.val_fraction * 10_000)
+            is_val = [int(prompt_id(r.fields["prompt"]), 16) % 10_000 < cut for r in train_rows]
+            val_rows = [r for r, v in zip(train_rows, is_val) if v]
+            train_rows = [r for r, v in zip(train_rows, is_val) if not v]
+        else:
+            val_rows = []
+        self.domain_names = sorted({r.domain for r in train_rows} | {r.domain for r in val_rows})
+        self.train_dataset = self._build(train_rows, encoder, self.max_train_rows)
+        self.val_dataset = self._build(val_rows, encoder, self.max_val_rows) if val_rows else None
+        log.info(
+            "%s: %d train / %d val rows, domains %s, %d invalid rows skipped",
+            type(self).__name__,
+            len(self.train_dataset),
+            0 if self.val_dataset is None else len(self.val_dataset),
+            self.domain_names,
+            self.num_skipped,
+        )
+
+    def _build(self, rows: list[Row], encoder: "_Encoder", limit: int | None) -> Any:
+        import datasets
+
+        domain_index = {d: i for i, d in enumerate(self.domain_names)}
+        records = [
+            {**r.fields, "domain_id": domain_index[r.domain], "domain": r.domain, "source": r.source, "row": r.row}
+            for r in rows
+        ]
+        ds = datasets.Dataset.from_list(records)
+        if limit is not None and limit < len(ds):
+            ds = ds.shuffle(seed=self.seed).select(range(limit))
+        ds = ds.map(lambda b: self.encode(b, encoder), batched=True, desc=f"tokenizing {self.kind}")
+        too_long = [i for i, p in enumerate(ds["prompt_len"]) if p > self.max_prompt_length]
+        if too_long:
+            bad = ds[too_long[0]]
+            msg = (
+                f"{bad['source']}: row {bad['row']}, field {self.prompt_column!r}: prompt has {bad['prompt_len']} "
+                f"tokens, more than max_prompt_length={self.max_prompt_length}"
+            )
+            if not self.skip_invalid_rows:
+                raise DataValidationError(
+                    f"{msg} (raise data.max_prompt_length, or set skip_invalid_rows: true; "
+                    f"{len(too_long)} rows are too long)"
+                )
+            log.warning("Skipping %d rows whose prompt exceeds max_prompt_length; first: %s", len(too_long), msg)
+            self.num_skipped += len(too_long)
+            keep = sorted(set(range(len(ds))) - set(too_long))
+            ds = ds.select(keep)
+        if len(ds) == 0:
+            raise DataValidationError(f"No rows left in {self.train_path!r} after validation.")
+        return ds.add_column("index", list(range(len(ds))))
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, ds: Any, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=generator,
+            drop_last=shuffle and len(ds) >= batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"domain_names": list(self.domain_names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("domain_names")
+        if saved and self.domain_names and saved != self.domain_names:
+            log.warning("Domains differ from the checkpoint's: %s vs %s", self.domain_names, saved)
+
+
+class _Encoder:
+    """Turns prompt / response text into token ids (chat template applied when the tokenizer has one)."""
+
+    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int, apply_chat_template: bool | None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if apply_chat_template and not has_template:
+            raise ValueError("data.apply_chat_template is true but the tokenizer has no chat template.")
+        self.chat = has_template if apply_chat_template is None else apply_chat_template
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has no eos token; responses must end with one.")
+
+    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.chat:
+            return [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True, return_dict=False
+                )
+                for t in texts
+            ]
+        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+    def responses(self, texts: Sequence[str]) -> list[list[int]]:
+        eos = self.tokenizer.eos_token_id
+        return [ids + [eos] for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _pairs_to_tensors(prompt_lens: list[int], seqs: list[list[int]], pad_id: int, side: PaddingSide):
+    input_ids = pad_sequences(seqs, pad_id, side)
+    attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0, side)
+    loss_mask = pad_sequences([[0] * p + [1] * (len(s) - p) for p, s in zip(prompt_lens, seqs)], 0, side)
+    return input_ids, attention_mask, loss_mask
+
+
+class PreferenceDataModule(_TextDataModule):
+    """Preference pairs ``(prompt, chosen, rejected)`` for reward models and DPO-style methods.
+
+    Args:
+        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
+            ``builtin:hh-rlhf`` (a small MIT-licensed Anthropic HH-RLHF subset shipped with the package).
+        val_path: Validation file(s); default: the built-in test split, or ``val_fraction`` of the training prompts.
+        val_fraction: Share of training prompts held out (split by prompt hash) when no ``val_path`` is given.
+        hub_split: Split to load for hub dataset names.
+        prompt_column: Column holding the prompt.
+        chosen_column: Column holding the preferred response.
+        rejected_column: Column holding the dispreferred response.
+        domain_column: Optional column with a domain label carried into batches (per-domain metrics); ``null`` to ignore.
+        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
+        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
+        max_length: Maximum tokens of prompt + response (the prompt is left-truncated first).
+        max_prompt_length: Prompts with more tokens are invalid rows.
+        batch_size: Pairs per training batch (per rank).
+        val_batch_size: Pairs per validation batch; default: ``batch_size``.
+        max_train_rows: Use at most this many training rows (a seeded random subset).
+        max_val_rows: Use at most this many validation rows.
+        skip_invalid_rows: Skip and count bad rows instead of raising.
+        num_workers: DataLoader workers.
+        seed: Seed for shuffling and subsets.
+        padding_side: Pad sequences on the ``right`` (default) or ``left``.
+    """
+
+    kind = "preferences"
+
+    def __init__(
+        self,
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        padding_side: PaddingSide = "right",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.chosen_column = chosen_column
+        self.rejected_column = rejected_column
+        self.padding_side = padding_side
+
+    def columns(self) -> dict[str, str]:
+        return {"prompt": self.prompt_column, "chosen": self.chosen_column, "rejected": self.rejected_column}
+
+    def encode(self, rows: dict[str, list], encoder: _Encoder) -> dict[str, list]:
+        prompts = encoder.prompts(rows["prompt"])
+        out: dict[str, list] = {"prompt_len": [len(p) for p in prompts]}
+        for key in ("chosen", "rejected"):
+            seqs, plens = [], []
+            for p, r in zip(prompts, encoder.responses(rows[key])):
+                p, r = truncate_pair(p, r, encoder.max_length)
+                seqs.append(p + r)
+                plens.append(len(p))
+            out[f"{key}_ids"], out[f"{key}_prompt_len"] = seqs, plens
+        return out
+
+    def collate(self, items: list[dict[str, Any]]) -> PreferenceBatch:
+        seqs = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+        plens = [it["chosen_prompt_len"] for it in items] + [it["rejected_prompt_len"] for it in items]
+        input_ids, attention_mask, loss_mask = _pairs_to_tensors(plens, seqs, self.tokenizer.pad_token_id, self.padding_side)
+        return PreferenceBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            domain_ids=torch.tensor([it["domain_id"] for it in items], dtype=torch.long),
+            index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+        )
+
+
+class DemonstrationDataModule(_TextDataModule):
+    """Demonstrations ``(prompt, response)`` for SFT and demonstration-based methods.
+
+    Args:
+        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
+            ``builtin:hh-rlhf`` (prompts with the preferred HH-RLHF reply as the demonstration).
+        val_path: Validation file(s); default: the built-in test split, or ``val_fraction`` of the training prompts.
+        val_fraction: Share of training prompts held out (split by prompt hash) when no ``val_path`` is given.
+        hub_split: Split to load for hub dataset names.
+        prompt_column: Column holding the prompt.
+        response_column: Column holding the demonstrated response.
+        domain_column: Optional column with a domain label carried into batches; ``null`` to ignore.
+        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
+        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
+        max_length: Maximum tokens of prompt + response (the prompt is left-truncated first).
+        max_prompt_length: Prompts with more tokens are invalid rows.
+        batch_size: Sequences per training batch (per rank).
+        val_batch_size: Sequences per validation batch; default: ``batch_size``.
+        max_train_rows: Use at most this many training rows (a seeded random subset).
+        max_val_rows: Use at most this many validation rows.
+        skip_invalid_rows: Skip and count bad rows instead of raising.
+        num_workers: DataLoader workers.
+        seed: Seed for shuffling and subsets.
+        padding_side: Pad sequences on the ``right`` (default) or ``left``.
+    """
+
+    kind = "demonstrations"
+
+    def __init__(self, response_column: str = "response", padding_side: PaddingSide = "right", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.response_column = response_column
+        self.padding_side = padding_side
+
+    def columns(self) -> dict[str, str]:
+        return {"prompt": self.prompt_column, "response": self.response_column}
+
+    def encode(self, rows: dict[str, list], encoder: _Encoder) -> dict[str, list]:
+        prompts = encoder.prompts(rows["prompt"])
+        seqs, plens = [], []
+        for p, r in zip(prompts, encoder.responses(rows["response"])):
+            p, r = truncate_pair(p, r, encoder.max_length)
+            seqs.append(p + r)
+            plens.append(len(p))
+        return {"prompt_len": [len(p) for p in prompts], "input_ids": seqs, "seq_prompt_len": plens, "prompt_ids": prompts}
+
+    def collate(self, items: list[dict[str, Any]]) -> TokenBatch:
+        pad = self.tokenizer.pad_token_id
+        input_ids, attention_mask, loss_mask = _pairs_to_tensors(
+            [it["seq_prompt_len"] for it in items], [it["input_ids"] for it in items], pad, self.padding_side
+        )
+        prompts = [it["prompt_ids"] for it in items]
+        return TokenBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            domain_ids=torch.tensor([it["domain_id"] for it in items], dtype=torch.long),
+            prompt_input_ids=pad_sequences(prompts, pad, "left"),
+            prompt_attention_mask=pad_sequences([[1] * len(p) for p in prompts], 0, "left"),
+        )
+
+
+class PromptDataModule(_TextDataModule):
+    """Prompts for online RL (PPO and the methods built on it). Batches are left-padded for generation.
+
+    Args:
+        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
+            ``builtin:hh-rlhf`` (HH-RLHF prompts).
+        val_path: Validation prompts; default: the built-in test split, or ``val_fraction`` of the training prompts.
+        val_fraction: Share of training prompts held out when no ``val_path`` is given.
+        hub_split: Split to load for hub dataset names.
+        prompt_column: Column holding the prompt.
+        domain_column: Optional column with a domain label carried into rollouts; ``null`` to ignore.
+        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
+        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
+        max_length: Unused for prompts except as an upper bound (kept for a uniform interface).
+        max_prompt_length: Prompts with more tokens are invalid rows.
+        batch_size: Prompts per rollout batch (per rank).
+        val_batch_size: Prompts per validation batch; default: ``batch_size``.
+        max_train_rows: Use at most this many training prompts (a seeded random subset).
+        max_val_rows: Use at most this many validation prompts.
+        skip_invalid_rows: Skip and count bad rows instead of raising.
+        num_workers: DataLoader workers.
+        seed: Seed for shuffling and subsets.
+    """
+
+    kind = "prompts"
+
+    def columns(self) -> dict[str, str]:
+        return {"prompt": self.prompt_column}
+
+    def encode(self, rows: dict[str, list], encoder: _Encoder) -> dict[str, list]:
+        prompts = encoder.prompts(rows["prompt"])
+        return {"prompt_len": [len(p) for p in prompts], "input_ids": prompts}
+
+    def collate(self, items: list[dict[str, Any]]) -> PromptBatch:
+        prompts = [it["input_ids"] for it in items]
+        return PromptBatch(
+            input_ids=pad_sequences(prompts, self.tokenizer.pad_token_id, "left"),
+            attention_mask=pad_sequences([[1] * len(p) for p in prompts], 0, "left"),
+            domain_ids=torch.tensor([it["domain_id"] for it in items], dtype=torch.long),
+            prompt_ids=[prompt_id(it["prompt"]) for it in items],
+            prompts=[it["prompt"] for it in items],
+            domains=[it["domain"] for it in items],
+        )

@@ -1,0 +1,8 @@
+"""One LightningModule per method."""
+
+from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.dpo import DPOModule
+from lightning_rlhf.methods.reward_model import RewardModelModule
+from lightning_rlhf.methods.sft import SFTModule
+
+__all__ = ["DPOModule", "RLHFModule", "RewardModelModule", "SFTModule"]

@@ -1,0 +1,141 @@
+"""Bradley-Terry reward model (spec 1.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_rlhf.data.batches import PreferenceBatch
+from lightning_rlhf.losses.preference import bradley_terry_loss, reward_centering_loss
+from lightning_rlhf.losses.sft import masked_nll_sum
+from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.preference_metrics import PairwiseMetrics
+from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
+
+
+class RewardModelModule(RLHFModule):
+    """Trains ``r_phi(x, y)`` with ``L = mean BT + lm_coef * NLL(y_w) + center_coef * mean (r_w + r_l)^2``.
+
+    The backbone is any ``AutoModelForSequenceClassification`` (``num_labels=1``) or a causal LM, which gets a
+    linear value head; the score is read at the last non-pad token. The exported folder loads with
+    ``AutoModelForSequenceClassification.from_pretrained`` and is what PPO's ``reward_model`` takes.
+
+    Logged: ``train/loss``, ``train/accuracy``, ``train/margin``, ``train/score_mean``, ``train/score_std``; on
+    validation ``val/accuracy``, ``val/margin`` and ``val/accuracy/<domain>`` for every domain in the data.
+
+    Args:
+        model_name_or_path: Backbone: a reward-model folder, a sequence-classification model, or a causal LM
+            (e.g. an SFT export, or ``builtin:tiny-llama``).
+        center_coef: Weight of the score-centering penalty ``(r_w + r_l)^2``.
+        lm_coef: Weight of the LM loss on the chosen response (needs a backbone whose input embeddings are tied to
+            its output layer, so the LM head is available).
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        warmup_steps: Linear warm-up optimizer steps.
+        lr_schedule: ``constant``, ``linear`` or ``cosine``.
+        max_grad_norm: Gradient clipping norm; ``null`` disables.
+        micro_batch_size: Pairs per micro-batch (gradient accumulation inside a step).
+        dtype: Parameter dtype.
+        gradient_checkpointing: Recompute activations to save memory.
+        trust_remote_code: Allow repository code (off by default).
+        attn_implementation: Attention kernel; ``null`` = transformers' choice.
+        export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
+    """
+
+    def __init__(self, center_coef: float = 0.0, lm_coef: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if center_coef < 0 or lm_coef < 0:
+            raise ValueError("model.center_coef and model.lm_coef must be >= 0")
+        self.center_coef = center_coef
+        self.lm_coef = lm_coef
+        self.save_hyperparameters()
+        self.val_metrics: PairwiseMetrics | None = None
+
+    def build_models(self) -> None:
+        self.reward_model: ScalarHeadModel = load_scalar_model(
+            self.model_name_or_path,
+            dtype=self.dtype_name,
+            gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code,
+            pad_token_id=self.tokenizer.pad_token_id,
+        ).train()
+        if self.lm_coef > 0 and not (
+            self.reward_model.per_token and getattr(self.reward_model.config, "tie_word_embeddings", False)
+        ):
+            raise ValueError(
+                "model.lm_coef > 0 needs a decoder backbone with tied input/output embeddings "
+                f"({self.model_name_or_path!r} has none); set model.lm_coef: 0."
+            )
+
+    def setup(self, stage: str) -> None:
+        self.val_metrics = PairwiseMetrics(self.domain_names(), prefix="val")
+
+    def export_model(self) -> nn.Module:
+        return self.reward_model
+
+    def score_pairs(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Scores of chosen ``(B,)`` and rejected ``(B,)`` responses, and the chosen NLL sum when ``lm_coef > 0``."""
+        B = batch.num_pairs
+        if self.lm_coef > 0:
+            values, hidden = self.reward_model.token_values(batch.input_ids, batch.attention_mask, return_hidden=True)
+            from lightning_rlhf.rollout.scoring import last_token_index
+
+            scores = values.gather(1, last_token_index(batch.attention_mask)[:, None]).squeeze(1)
+            emb = self.reward_model.hf_model.get_input_embeddings().weight
+            logits = hidden[:B] @ emb.T
+            nll, n = masked_nll_sum(logits, batch.input_ids[:B], batch.loss_mask[:B])
+            return scores[:B], scores[B:], nll / n.clamp(min=1)
+        scores = self.reward_model(batch.input_ids, batch.attention_mask)
+        return scores[:B], scores[B:], None
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        self.reward_model.train()
+        B = batch.num_pairs
+        chunks = self.micro_batches(B)
+        total = torch.zeros((), device=self.device)
+        chosen_all, rejected_all = [], []
+        for i, (s, e) in enumerate(chunks):
+            r_w, r_l, nll = self.score_pairs(batch.slice(s, e))
+            loss = bradley_terry_loss(r_w, r_l).sum() / B
+            if self.center_coef:
+                loss = loss + self.center_coef * reward_centering_loss(r_w, r_l).sum() / B
+            if nll is not None:
+                loss = loss + self.lm_coef * nll * (e - s) / B
+            self.backward_micro(loss, sync=i == len(chunks) - 1)
+            total += loss.detach()
+            chosen_all.append(r_w.detach())
+            rejected_all.append(r_l.detach())
+        grad_norm = self.optimizer_update()
+        self.iteration += 1
+        r_w, r_l = torch.cat(chosen_all), torch.cat(rejected_all)
+        scores = torch.cat([r_w, r_l])
+        acc = (r_w > r_l).float().mean()
+        self.log_dict(
+            {
+                "train/loss": total,
+                "train/accuracy": acc,
+                "train/margin": (r_w - r_l).mean(),
+                "train/score_mean": scores.mean(),
+                "train/score_std": scores.std(),
+                "train/grad_norm": grad_norm,
+                "train/lr": self.current_lr(),
+            },
+            batch_size=B,
+        )
+        self.log_dict({"loss": total, "acc": acc}, prog_bar=True, logger=False, batch_size=B)
+        return total
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        r_w, r_l, _ = self.score_pairs(batch) if self.lm_coef == 0 else (*self.score_pairs(batch)[:2], None)
+        self.val_metrics.update(r_w - r_l, batch.domain_ids)
+        self.log("val/loss", bradley_terry_loss(r_w, r_l).mean(), batch_size=batch.num_pairs, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_metrics is None:
+            return
+        metrics = self.val_metrics.compute_and_reset()
+        self.log_dict(metrics, sync_dist=False)
+        self.log("val_acc", metrics["val/accuracy"], prog_bar=True, logger=False)

@@ -1,0 +1,129 @@
+"""Scalar-head models: reward models (one score per sequence) and critics (one value per token).
+
+Both wrap a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels=1``. For decoder backbones
+(Llama, GPT-2, Qwen, ... which expose a per-token linear ``score`` head) the head is applied to every position
+and the sequence score is read at the last non-pad token found from the attention mask, so left and right padding
+give the same score and a sequence that ends with a token equal to the pad id is still read correctly. Loading a
+causal-LM checkpoint (e.g. an SFT export) this way gives "a causal LM with a linear value head": the trunk is
+reused and a fresh head is initialised. Encoder backbones with their own pooling (BERT-style ``classifier``)
+return their pooled logit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_rlhf.models.factory import DType, resolve_pretrained, torch_dtype
+from lightning_rlhf.rollout.scoring import last_token_index, position_ids_from_attention_mask
+
+
+class ScalarHeadModel(nn.Module):
+    """A sequence-classification model used as a reward model or critic.
+
+    Args:
+        hf_model: An ``AutoModelForSequenceClassification`` instance with ``num_labels == 1``.
+    """
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        if getattr(hf_model.config, "num_labels", 1) != 1:
+            raise ValueError(f"A reward model needs num_labels=1, got {hf_model.config.num_labels}.")
+        self.hf_model = hf_model
+        self.per_token = hasattr(hf_model, "score") and hasattr(hf_model, hf_model.base_model_prefix)
+
+    @property
+    def config(self) -> Any:
+        return self.hf_model.config
+
+    def _trunk(self) -> nn.Module:
+        return getattr(self.hf_model, self.hf_model.base_model_prefix)
+
+    def token_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-token scalar outputs.
+
+        Args:
+            input_ids: ``(B, T)``.
+            attention_mask: ``(B, T)``.
+            return_hidden: Also return the trunk's last hidden states ``(B, T, H)``.
+
+        Returns:
+            ``(B, T)`` float32 values (and the hidden states when asked).
+        """
+        if not self.per_token:
+            raise TypeError(
+                f"{type(self.hf_model).__name__} pools internally and has no per-token head; "
+                "use a decoder backbone (it exposes `score`) for a critic."
+            )
+        out = self._trunk()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_attention_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out[0]  # (B, T, H)
+        values = self.hf_model.score(hidden).squeeze(-1).float()  # (B, T)
+        return (values, hidden) if return_hidden else values
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sequence scores read at the last non-pad token.
+
+        Args:
+            input_ids: ``(B, T)``, left or right padded.
+            attention_mask: ``(B, T)``.
+
+        Returns:
+            ``(B,)`` float32 scores.
+        """
+        if not self.per_token:
+            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        values = self.token_values(input_ids, attention_mask)
+        idx = last_token_index(attention_mask)
+        return values.gather(1, idx[:, None]).squeeze(1)
+
+    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
+        """Save as a plain Hugging Face sequence-classification folder."""
+        self.hf_model.save_pretrained(directory, **kwargs)
+
+
+def load_scalar_model(
+    name_or_path: str,
+    dtype: DType = "float32",
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    pad_token_id: int | None = None,
+) -> ScalarHeadModel:
+    """Load a reward model / critic with ``AutoModelForSequenceClassification.from_pretrained(num_labels=1)``.
+
+    Args:
+        name_or_path: A reward-model folder exported by ``RewardModelModule``, any HF sequence-classification model,
+            or a causal-LM checkpoint (a new linear head is initialised on its trunk).
+        dtype: Parameter dtype.
+        gradient_checkpointing: Enable activation checkpointing in the trunk.
+        trust_remote_code: Allow repository code (off by default).
+        pad_token_id: Written into the config when it has none (HF classification heads require one).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized score weights" is expected here
+    try:
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_pretrained(name_or_path),
+            num_labels=1,
+            dtype=torch_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if hf_model.config.pad_token_id is None and pad_token_id is not None:
+        hf_model.config.pad_token_id = pad_token_id
+    if gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return ScalarHeadModel(hf_model)
