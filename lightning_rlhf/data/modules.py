@@ -11,6 +11,7 @@ prompt + response exceed ``max_length``, the prompt is cut from the left (keepin
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +61,7 @@ class _TextDataModule(L.LightningDataModule):
         hub_split: str = "train",
         prompt_column: str = "prompt",
         domain_column: str | None = "domain",
+        domains: list[str] | None = None,
         tokenizer_name_or_path: str | None = None,
         apply_chat_template: bool | None = None,
         max_length: int = 512,
@@ -83,6 +85,7 @@ class _TextDataModule(L.LightningDataModule):
         self.hub_split = hub_split
         self.prompt_column = prompt_column
         self.domain_column = domain_column
+        self.domains = domains
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.apply_chat_template = apply_chat_template
         self.max_length = max_length
@@ -146,7 +149,12 @@ class _TextDataModule(L.LightningDataModule):
             self._sources(spec, split), self.columns(), self.domain_column, self.skip_invalid_rows, self.hub_split
         )
         self.num_skipped += len(report.skipped)
-        return report.rows
+        rows = report.rows
+        if self.domains:
+            rows = [r for r in rows if any(fnmatch.fnmatchcase(r.domain, pat) for pat in self.domains)]
+            if not rows:
+                raise DataValidationError(f"No rows of {spec!r} match data.domains={self.domains}.")
+        return rows
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -289,6 +297,7 @@ class PreferenceDataModule(_TextDataModule):
         chosen_column: Column holding the preferred response.
         rejected_column: Column holding the dispreferred response.
         domain_column: Optional column with a domain label carried into batches (per-domain metrics); ``null`` to ignore.
+        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
         tokenizer_name_or_path: Tokenizer to use; default: the training module's.
         apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
         max_length: Maximum tokens of prompt + response (the prompt is left-truncated first).
@@ -357,6 +366,7 @@ class DemonstrationDataModule(_TextDataModule):
         prompt_column: Column holding the prompt.
         response_column: Column holding the demonstrated response.
         domain_column: Optional column with a domain label carried into batches; ``null`` to ignore.
+        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
         tokenizer_name_or_path: Tokenizer to use; default: the training module's.
         apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
         max_length: Maximum tokens of prompt + response (the prompt is left-truncated first).
@@ -417,6 +427,7 @@ class PromptDataModule(_TextDataModule):
         hub_split: Split to load for hub dataset names.
         prompt_column: Column holding the prompt.
         domain_column: Optional column with a domain label carried into rollouts; ``null`` to ignore.
+        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
         tokenizer_name_or_path: Tokenizer to use; default: the training module's.
         apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
         max_length: Unused for prompts except as an upper bound (kept for a uniform interface).

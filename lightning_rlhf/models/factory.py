@@ -116,12 +116,15 @@ def load_tokenizer(
 ) -> Any:
     """Load a tokenizer and make sure it can pad.
 
-    A tokenizer without a pad token gets its EOS token as pad token (the attention mask, never the token id, marks
+    An encoder tokenizer without an EOS token (BERT-style) uses its SEP token as EOS. A tokenizer without a pad
+    token gets its EOS token as pad token (the attention mask, never the token id, marks
     padding everywhere in this package, so pad == eos is safe).
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token  # encoder (BERT-style) reward models: responses end with [SEP]
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an eos token; set one.")

@@ -1,0 +1,38 @@
+"""Shared test fixtures. Tests never read ../shared: they use the embedded assets and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = REPO / "lightning_rlhf" / "assets" / "tokenizer"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Materialise built-in models in a per-session cache, never in the user's home."""
+    path = os.environ.get("LIGHTNING_RLHF_TEST_CACHE") or str(tmp_path_factory.mktemp("lrcache"))
+    os.environ["LIGHTNING_RLHF_CACHE"] = path
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lightning_rlhf.models.factory import load_tokenizer
+
+    return load_tokenizer(str(TOKENIZER_DIR))
+
+
+@pytest.fixture()
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run a test from an empty temporary directory (CLI runs write runs/ there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

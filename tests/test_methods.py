@@ -1,0 +1,131 @@
+"""SFT, reward model and DPO: losses go down when overfitting a fixed small batch, parameters change, and
+micro-batch accumulation gives the same update as the whole batch."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule
+from lightning_rlhf.losses.preference import bradley_terry_loss
+from lightning_rlhf.methods import DPOModule, RewardModelModule, SFTModule
+
+
+def _trainer(tmp_path, steps):
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+
+
+def _dm(cls, module, n=8):
+    dm = cls(max_train_rows=n, batch_size=n, max_length=256, max_prompt_length=200, skip_invalid_rows=True, seed=3)
+    dm.set_tokenizer(module.tokenizer)
+    dm.setup("fit")
+    return dm
+
+
+def _fixed_batch(dm):
+    return dm.collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
+
+
+def _params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _fit_and_compare(tmp_path, module, dm, loss_fn, steps=12):
+    module.configure_model()
+    batch = _fixed_batch(dm)
+    with torch.no_grad():
+        before = loss_fn(module, batch).item()
+    p0 = _params(module)
+    _trainer(tmp_path, steps).fit(module, datamodule=dm)
+    with torch.no_grad():
+        after = loss_fn(module, batch).item()
+    changed = [n for n, p in _params(module).items() if not torch.equal(p, p0[n])]
+    return before, after, changed
+
+
+def sft_loss(module, batch):
+    from lightning_rlhf.losses.sft import masked_nll_sum
+
+    nll, n = masked_nll_sum(module.lm_forward(module.policy, batch.input_ids, batch.attention_mask), batch.input_ids, batch.loss_mask)
+    return nll / n
+
+
+def rm_loss(module, batch):
+    module.reward_model.eval()
+    r_w, r_l, _ = module.score_pairs(batch)
+    return bradley_terry_loss(r_w, r_l).mean()
+
+
+def dpo_loss_fn(module, batch):
+    return module.dpo_outputs(batch, "none").losses.mean()
+
+
+def test_sft_overfits_fixed_batch(tmp_path):
+    module = SFTModule(lr=3e-3, export_dir=None)
+    dm = _dm(DemonstrationDataModule, module)
+    before, after, changed = _fit_and_compare(tmp_path, module, dm, sft_loss)
+    assert after < before - 0.5, (before, after)
+    assert len(changed) == len(_params(module))
+
+
+def test_reward_model_overfits_fixed_batch(tmp_path):
+    module = RewardModelModule(lr=3e-3, export_dir=None)
+    dm = _dm(PreferenceDataModule, module)
+    before, after, changed = _fit_and_compare(tmp_path, module, dm, rm_loss)
+    assert after < before * 0.5, (before, after)
+    assert changed
+
+
+@pytest.mark.parametrize("loss_type,lr", [("sigmoid", 3e-3), ("ipo", 2e-4), ("hinge", 3e-3)])
+def test_dpo_overfits_fixed_batch_and_reference_stays_frozen(tmp_path, loss_type, lr):
+    # IPO regresses the log-ratio gap onto 1/(2 beta): a squared loss that overshoots at SFT-scale learning rates
+    module = DPOModule(lr=lr, export_dir=None, loss_type=loss_type, beta=0.5)
+    dm = _dm(PreferenceDataModule, module)
+    module.configure_model()
+    ref0 = {n: p.clone() for n, p in module.reference.named_parameters()}
+    before, after, changed = _fit_and_compare(tmp_path, module, dm, dpo_loss_fn, steps=10)
+    assert after < before * 0.7, (before, after)
+    assert changed and not any(n.startswith("reference.") for n in changed)
+    assert all(torch.equal(p, ref0[n]) for n, p in module.reference.named_parameters())
+
+
+def test_dpo_at_init_has_zero_margin_and_log2_loss():
+    module = DPOModule(export_dir=None)
+    dm = _dm(PreferenceDataModule, module, n=4)
+    module.configure_model()
+    with torch.no_grad():
+        out = module.dpo_outputs(_fixed_batch(dm), "none")
+    torch.testing.assert_close(out.logits, torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.losses, torch.full((4,), 0.6931472), atol=1e-5, rtol=0)
+
+
+def test_precomputed_reference_logprobs_match_live_ones(tmp_path):
+    live = DPOModule(lr=1e-3, export_dir=None)
+    cached = DPOModule(lr=1e-3, export_dir=None, precompute_ref_logprobs=True)
+    losses = []
+    for module in (live, cached):
+        torch.manual_seed(0)
+        dm = _dm(PreferenceDataModule, module)
+        module.configure_model()
+        _trainer(tmp_path, 3).fit(module, datamodule=dm)
+        with torch.no_grad():
+            losses.append(module.dpo_outputs(_fixed_batch(dm), "train").losses)
+    assert cached.reference is None and "train" in cached._ref_cache
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path):
+    results = []
+    for micro in (None, 2):
+        torch.manual_seed(0)
+        module = RewardModelModule(lr=1e-3, export_dir=None, micro_batch_size=micro)
+        dm = _dm(PreferenceDataModule, module)
+        module.configure_model()
+        _trainer(tmp_path, 1).fit(module, datamodule=dm)
+        results.append(_params(module))
+    for n, p in results[0].items():
+        torch.testing.assert_close(p, results[1][n], atol=1e-6, rtol=1e-5)
