@@ -1,0 +1,717 @@
+"""PPO for language models with PPO-max defaults (spec 1.4), as one LightningModule under manual optimization.
+
+One ``training_step(prompt_batch)`` = one PPO iteration, read top to bottom:
+
+1. :meth:`PPOModule.make_experience` (no grad, eval mode): sample responses, then micro-batched scoring passes
+   for old log-probs, reference log-probs, critic values and the sequence scores.
+2. :meth:`PPOModule.shape_scores`: ``transform_scores`` hook -> running reward normalisation -> no-EOS penalty.
+3. :meth:`PPOModule.compute_advantages`: per-token KL, per-sample ``kl_coef`` (B,), token rewards, GAE,
+   advantage whitening reduced across ranks.
+4. :meth:`PPOModule.ppo_update`: ``ppo_epochs x minibatches x micro-batches`` of clipped policy + value losses,
+   gradient accumulation over micro-batches, one optimizer step per minibatch.
+5. Rank-reduced, detached statistics are logged and kept for callbacks (``last_rollout_stats``).
+
+``trainer.global_step`` counts optimizer steps (``ppo_epochs * ceil(rollout_batch / mini_batch_size)`` per
+iteration); use ``model.max_iterations`` to stop after a number of PPO iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional
+
+import torch
+from torch import nn
+
+from lightning_rlhf.advantages import ReduceFn, explained_variance, gae, masked_sum, masked_whiten
+from lightning_rlhf.data.batches import PromptBatch, TokenBatch
+from lightning_rlhf.losses.ppo import KLEstimator, PolicyLossOutput, entropy_from_logits, kl_penalty, policy_loss
+from lightning_rlhf.losses.ppo import token_rewards, value_loss
+from lightning_rlhf.losses.sft import masked_nll_sum
+from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.models.factory import load_causal_lm, load_reference, load_tokenizer
+from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
+from lightning_rlhf.rewards import FunctionReward, ModelReward, RewardInput, RewardSource
+from lightning_rlhf.rollout.experience import Experience
+from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
+from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, token_logprobs
+
+log = logging.getLogger(__name__)
+
+RewardNorm = Literal["none", "scale", "norm", "norm_clip"]
+CriticKind = Literal["separate", "shared"]
+
+
+@dataclass
+class PPOForwardOutput:
+    """Outputs of the policy/critic forward on one micro-batch during the update.
+
+    Attributes:
+        logprobs: ``(b, R)`` log-probs of the response tokens under the current policy (with grad).
+        values: ``(b, R)`` current critic values (with grad).
+        entropy: ``(b, R)`` per-token policy entropy (with grad only when ``ent_coef > 0``).
+        policy: the :class:`PolicyLossOutput` of this micro-batch (``per_sample_surrogate`` for GIL-style losses);
+            ``None`` during critic warm-up.
+    """
+
+    logprobs: Optional[torch.Tensor]
+    values: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    policy: Optional[PolicyLossOutput] = None
+
+
+class PPOModule(RLHFModule):
+    """PPO (PPO-max defaults) with a frozen reference, a reward model or rule-based reward, and a critic.
+
+    Implements ``callbacks.protocols.KLControlled`` (``kl_coef``, ``last_rollout_stats``) so
+    ``callbacks.adaptive_kl.AdaptiveKLController`` can adapt the KL coefficient.
+
+    Hooks for methods built on PPO: :meth:`transform_scores` (score shaping before normalisation),
+    :meth:`per_sample_kl_coef` (or set ``kl_coef_fn``), :meth:`extra_loss`.
+
+    Logged every iteration (rank-reduced): ``iteration``, ``score/mean``, ``score/std``, ``score/shaped_mean``,
+    ``kl`` (per-sequence sum), ``kl/token_mean``, ``kl_coef``, ``policy/loss``, ``policy/entropy``,
+    ``policy/clip_frac``, ``policy/approx_kl``, ``value/loss``, ``value/clip_frac``, ``value/explained_var``,
+    ``response/length``, ``response/no_eos_frac``, ``time/{generate,score,update}`` (s, this rank) and
+    ``tokens_per_s/{generate,score,update}``; sample prompts/responses as a TensorBoard text table.
+
+    Args:
+        model_name_or_path: Policy to train (usually an SFT export): hub id, folder, or ``builtin:tiny-llama``.
+        ref_model_name_or_path: Frozen reference ``pi_ref``; default: the policy checkpoint.
+        reward_model_name_or_path: Reward model folder (``RewardModelModule`` export or any HF
+            sequence-classification model with one label). Exactly one of this and ``reward_fn``.
+        reward_fn: Rule-based reward: ``{class_path: ..., init_args: {...}}`` of a callable
+            ``fn(prompts, responses, **extras) -> list[float]``, e.g. ``lightning_rlhf.rewards.TokenCountReward``.
+        critic: ``separate`` (value head on its own backbone) or ``shared`` (value head on the policy trunk).
+        critic_model_name_or_path: Backbone of a separate critic; default: the reward model, else the policy.
+        critic_lr: Learning rate of the critic parameter group (the policy group uses ``lr``).
+        kl_coef: KL coefficient ``beta`` of the token rewards (adapted by ``AdaptiveKLController`` if present).
+        kl_estimator: ``k1`` (``logp - logp_ref``) or ``k3`` (``exp(-d) - 1 + d``).
+        gamma: GAE discount.
+        lam: GAE lambda.
+        clip_eps: Policy ratio clip range.
+        value_clip: Value clip range; ``null`` disables value clipping.
+        vf_coef: Weight of the value loss.
+        ent_coef: Weight of the entropy bonus.
+        ppo_epochs: Passes over each rollout batch.
+        mini_batch_size: Rollouts per optimizer step; ``null`` = the whole rollout batch.
+        whiten_advantages: Whiten advantages over the rollout batch's response tokens (across ranks).
+        reward_norm: ``none``, ``scale`` (divide by running std), ``norm`` (subtract running mean, divide by std)
+            or ``norm_clip`` (``norm`` then clip to ``+-reward_clip``). Running moments are global over ranks
+            and saved in checkpoints.
+        reward_clip: Clip bound ``c`` of ``norm_clip``.
+        no_eos_penalty: Subtracted from the shaped score of responses that hit ``max_new_tokens`` without EOS;
+            ``null`` = off.
+        critic_warmup_iters: First iterations that train only the critic.
+        max_new_tokens: Response length cap.
+        temperature: Sampling temperature (log-probs are computed on ``logits / temperature``).
+        top_p: Nucleus sampling (1.0 = full distribution).
+        top_k: Top-k sampling (0 = off).
+        rollout_micro_batch_size: Rows per scoring forward pass during the rollout; default ``micro_batch_size``.
+        ptx_coef: Weight of the SFT (pretraining-mix) NLL term; needs ``ptx_data``.
+        ptx_data: ``DemonstrationDataModule`` arguments (e.g. ``{train_path: builtin:hh-rlhf, batch_size: 4}``)
+            for the ptx term; one batch per optimizer step.
+        max_iterations: Stop training after this many PPO iterations (``null``: the trainer's limits decide).
+        seed: Base seed of rollout sampling and minibatch shuffling (per rank and iteration, resumable).
+        log_samples_every_n: Log a text table of samples every N iterations (0 disables).
+        num_logged_samples: Rows in that table.
+        lr: Policy learning rate (PPO-max: 1e-6; raise it for small models).
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        warmup_steps: Linear warm-up optimizer steps.
+        lr_schedule: ``constant``, ``linear`` or ``cosine``.
+        max_grad_norm: Gradient clipping by global norm; ``null`` disables.
+        micro_batch_size: Rows per forward/backward micro-batch in the update (gradient accumulation).
+        dtype: Parameter dtype.
+        gradient_checkpointing: Recompute activations to save memory.
+        trust_remote_code: Allow repository code (off by default).
+        attn_implementation: Attention kernel; ``null`` = transformers' choice.
+        export_dir: Hugging Face folder of the policy written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
+    """
+
+    frozen_modules = ("reference", "reward_model")
+
+    def __init__(
+        self,
+        ref_model_name_or_path: Optional[str] = None,
+        reward_model_name_or_path: Optional[str] = None,
+        reward_fn: Optional[dict[str, Any]] = None,
+        critic: CriticKind = "separate",
+        critic_model_name_or_path: Optional[str] = None,
+        critic_lr: float = 5e-6,
+        kl_coef: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip_eps: float = 0.2,
+        value_clip: Optional[float] = 0.2,
+        vf_coef: float = 0.5,
+        ent_coef: float = 0.0,
+        ppo_epochs: int = 1,
+        mini_batch_size: Optional[int] = None,
+        whiten_advantages: bool = True,
+        reward_norm: RewardNorm = "norm_clip",
+        reward_clip: float = 5.0,
+        no_eos_penalty: Optional[float] = None,
+        critic_warmup_iters: int = 0,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        rollout_micro_batch_size: Optional[int] = None,
+        ptx_coef: float = 0.0,
+        ptx_data: Optional[dict[str, Any]] = None,
+        max_iterations: Optional[int] = None,
+        seed: int = 0,
+        log_samples_every_n: int = 10,
+        num_logged_samples: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("lr", 1e-6)
+        super().__init__(**kwargs)
+        if (reward_model_name_or_path is None) == (reward_fn is None):
+            raise ValueError("PPO needs exactly one reward source: set model.reward_model_name_or_path OR model.reward_fn")
+        if critic not in ("separate", "shared"):
+            raise ValueError(f"model.critic must be 'separate' or 'shared', got {critic!r}")
+        if reward_norm not in ("none", "scale", "norm", "norm_clip"):
+            raise ValueError(f"model.reward_norm must be none|scale|norm|norm_clip, got {reward_norm!r}")
+        if kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"model.kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        if ppo_epochs < 1:
+            raise ValueError(f"model.ppo_epochs must be >= 1, got {ppo_epochs}")
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"model.mini_batch_size must be >= 1 or null, got {mini_batch_size}")
+        if ptx_coef > 0 and ptx_data is None:
+            raise ValueError("model.ptx_coef > 0 needs model.ptx_data (DemonstrationDataModule arguments)")
+        if critic_lr <= 0:
+            raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
+        self.ref_model_name_or_path = ref_model_name_or_path or self.model_name_or_path
+        self.reward_model_name_or_path = reward_model_name_or_path
+        self.reward_fn_spec = reward_fn
+        self.critic_kind = critic
+        self.critic_model_name_or_path = critic_model_name_or_path or reward_model_name_or_path or self.model_name_or_path
+        self.critic_lr = critic_lr
+        self.kl_coef = float(kl_coef)
+        self.kl_estimator: KLEstimator = kl_estimator
+        self.gamma = gamma
+        self.lam = lam
+        self.clip_eps = clip_eps
+        self.value_clip = value_clip
+        self.vf_coef = vf_coef
+        self.ent_coef = ent_coef
+        self.ppo_epochs = ppo_epochs
+        self.mini_batch_size = mini_batch_size
+        self.whiten_advantages = whiten_advantages
+        self.reward_norm: RewardNorm = reward_norm
+        self.reward_clip = reward_clip
+        self.no_eos_penalty = no_eos_penalty
+        self.critic_warmup_iters = critic_warmup_iters
+        self.temperature = temperature
+        self.rollout_micro_batch_size = rollout_micro_batch_size
+        self.ptx_coef = ptx_coef
+        self.ptx_data = ptx_data
+        self.max_iterations = max_iterations
+        self.seed = seed
+        self.log_samples_every_n = log_samples_every_n
+        self.num_logged_samples = num_logged_samples
+        self.save_hyperparameters()
+        self.generator = HFGenerator(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, do_sample=True,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        #: optional override of the per-sample KL coefficients (set by callbacks, e.g. GIL's adaptive exploration)
+        self.kl_coef_fn: Optional[Callable[[Experience], torch.Tensor]] = None
+        # running moments of the (transformed) scores, global over ranks, checkpointed as buffers
+        self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
+        self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
+        self._last_stats: dict[str, float] = {}
+        self._ptx_iter: Optional[Iterator[TokenBatch]] = None
+        self.reward_source: Optional[RewardSource] = None
+
+    # ------------------------------------------------------------------ models
+    def build_models(self) -> None:
+        """Policy, frozen reference, critic (separate backbone or a head on the policy), reward source."""
+        self.policy = load_causal_lm(
+            self.model_name_or_path, dtype=self.dtype_name, gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation,
+        )
+        self.reference = load_reference(self.ref_model_name_or_path, self.dtype_name, self.trust_remote_code)
+        if self.critic_kind == "separate":
+            self.critic: Optional[ScalarHeadModel] = load_scalar_model(
+                self.critic_model_name_or_path, dtype=self.dtype_name,
+                gradient_checkpointing=self.gradient_checkpointing, trust_remote_code=self.trust_remote_code,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            self.value_head: Optional[nn.Linear] = None
+        else:
+            self.critic = None
+            hidden = self.policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+            nn.init.zeros_(self.value_head.bias)
+        if self.reward_model_name_or_path is not None:
+            self.reward_model: Optional[ScalarHeadModel] = load_scalar_model(
+                self.reward_model_name_or_path, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            for p in self.reward_model.parameters():
+                p.requires_grad_(False)
+            self.reward_model.eval()
+            rm_tokenizer = load_tokenizer(self.reward_model_name_or_path, trust_remote_code=self.trust_remote_code)
+            same_vocab = rm_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+            self.reward_source = ModelReward(
+                self.reward_model, micro_batch_size=self._rollout_micro(), tokenizer=None if same_vocab else rm_tokenizer
+            )
+        else:
+            self.reward_model = None
+            self.reward_source = FunctionReward(self.reward_fn_spec)
+
+    def export_model(self) -> nn.Module:
+        """The policy (saved as a plain HF causal-LM folder at the end of ``fit``)."""
+        return self.policy
+
+    def _rollout_micro(self) -> Optional[int]:
+        return self.rollout_micro_batch_size or self.micro_batch_size
+
+    # ------------------------------------------------------------------ optimizer
+    def _critic_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        module = self.critic if self.critic is not None else self.value_head
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer, two parameter families: the policy at ``lr`` and the critic at ``critic_lr``."""
+        policy = ((n, p) for n, p in self.policy.named_parameters() if p.requires_grad)
+        return self.decay_groups(policy, self.lr) + self.decay_groups(self._critic_named_parameters(), self.critic_lr)
+
+    def steps_per_iteration(self, rollout_batch_size: int) -> int:
+        """Optimizer steps per PPO iteration: ``ppo_epochs * ceil(rollout_batch / mini_batch_size)``."""
+        mbs = self.mini_batch_size or rollout_batch_size
+        return self.ppo_epochs * math.ceil(rollout_batch_size / mbs)
+
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the run for the LR schedule (many per ``training_step``)."""
+        if self._trainer is None:
+            return 1
+        dm = getattr(self.trainer, "datamodule", None)
+        per_iter = self.steps_per_iteration(int(getattr(dm, "batch_size", None) or self.mini_batch_size or 1))
+        if self.max_iterations:
+            return self.max_iterations * per_iter
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return int(self.trainer.max_steps)
+        return int(self.trainer.estimated_stepping_batches) * per_iter
+
+    # ------------------------------------------------------------------ KLControlled protocol
+    def last_rollout_stats(self) -> Mapping[str, float]:
+        """Rank-reduced rollout statistics of the last iteration (``kl_seq_sum``, ``kl_token_mean``,
+        ``num_sequences``...); consumed by the call (a second call returns ``{}``)."""
+        stats, self._last_stats = self._last_stats, {}
+        return stats
+
+    # ------------------------------------------------------------------ hooks for derived methods
+    def transform_scores(self, scores: torch.Tensor, experience: Experience) -> torch.Tensor:
+        """Per-method transform of the raw scores ``(B,)`` before normalisation (e.g. a contrastive baseline).
+
+        Identity here. ``experience.extras`` carries the prompt ids/texts/domains of the batch.
+        """
+        return scores
+
+    def per_sample_kl_coef(self, experience: Experience) -> torch.Tensor:
+        """``(B,)`` KL coefficients ``eta_i``: ``kl_coef_fn(experience)`` if set, else ``kl_coef`` everywhere."""
+        if self.kl_coef_fn is not None:
+            coef = torch.as_tensor(self.kl_coef_fn(experience), dtype=torch.float32, device=experience.device)
+            if coef.shape != (len(experience),):
+                raise ValueError(f"kl_coef_fn must return shape ({len(experience)},), got {tuple(coef.shape)}")
+            return coef
+        return torch.full((len(experience),), self.kl_coef, dtype=torch.float32, device=experience.device)
+
+    def extra_loss(self, minibatch: Experience, outputs: PPOForwardOutput) -> Optional[torch.Tensor]:
+        """An additional loss for a micro-batch (None here). It is weighted by the micro-batch's share of the
+        minibatch's rows, so a row-mean loss accumulates to the minibatch mean."""
+        return None
+
+    # ------------------------------------------------------------------ distributed helpers
+    def reduce_fn(self) -> Optional[ReduceFn]:
+        """Sum across ranks through the strategy (``None`` when not attached to a trainer)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        strategy = self.trainer.strategy
+        return lambda t: strategy.reduce(t, reduce_op="sum")
+
+    def _global_sums(self, values: list[torch.Tensor]) -> list[float]:
+        """Sum a list of scalar tensors across ranks in one all-reduce."""
+        t = torch.stack([v.detach().double().reshape(()) for v in values])
+        fn = self.reduce_fn()
+        if fn is not None:
+            t = fn(t)
+        return t.tolist()
+
+    def _sync_time(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ forward passes
+    def _logits(self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                output_hidden_states: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Response-aligned logits ``(B, R, V)`` (position ``P + t - 1`` scores token ``t``) divided by the
+        temperature, and the last hidden states ``(B, R, H)`` at the same positions when asked."""
+        R = sequences.shape[1] - prompt_length
+        out = model(
+            input_ids=sequences, attention_mask=attention_mask,
+            position_ids=position_ids_from_attention_mask(attention_mask),
+            use_cache=False, logits_to_keep=R + 1, output_hidden_states=output_hidden_states,
+        )
+        logits = out.logits[:, -(R + 1) : -1]  # (B, R, V)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        hidden = out.hidden_states[-1][:, prompt_length - 1 : -1] if output_hidden_states else None  # (B, R, H)
+        return logits, hidden
+
+    def _critic_values(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                       hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, R)`` values ``V_t`` of the state before response token ``t``."""
+        if self.critic is not None:
+            return self.critic.token_values(sequences, attention_mask)[:, prompt_length - 1 : -1]
+        assert hidden is not None and self.value_head is not None
+        return self.value_head(hidden).squeeze(-1).float()
+
+    # ------------------------------------------------------------------ 1. rollout
+    def rollout_seed(self) -> int:
+        """Seed of this iteration's sampling on this rank (same on resume)."""
+        rank = self.global_rank if self._trainer is not None else 0
+        return (self.seed * 1_000_003 + self.iteration * 7_919 + rank * 104_729) % (2**62)
+
+    @torch.no_grad()
+    def make_experience(self, batch: PromptBatch) -> Experience:
+        """Sample responses and score them: old/ref log-probs, values and raw scores (spec 1.4 step 1)."""
+        t0 = self._sync_time()
+        gen = self.generator.generate(self.policy, batch.input_ids, batch.attention_mask, seed=self.rollout_seed())
+        t1 = self._sync_time()
+        P = gen.prompt_length
+        extras: dict[str, Any] = {
+            "prompt_ids": list(batch.prompt_ids), "prompts": list(batch.prompts), "domains": list(batch.domains),
+            "domain_ids": batch.domain_ids, "stopped_by_eos": gen.stopped_by_eos,
+        }
+        exp = Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=gen.action_mask,
+                         prompt_length=P, extras=extras)
+        was_training = self.policy.training
+        self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        logprobs, ref_logprobs, values = [], [], []
+        try:
+            for mb in exp.minibatches(self._rollout_micro() or len(exp), shuffle=False):
+                shared = self.critic is None
+                logits, hidden = self._logits(self.policy, mb.sequences, mb.attention_mask, P, output_hidden_states=shared)
+                logprobs.append(token_logprobs(logits, mb.responses))
+                del logits
+                ref_logits, _ = self._logits(self.reference, mb.sequences, mb.attention_mask, P)
+                ref_logprobs.append(token_logprobs(ref_logits, mb.responses))
+                del ref_logits
+                values.append(self._critic_values(mb.sequences, mb.attention_mask, P, hidden))
+        finally:
+            self.policy.train(was_training)
+            if self.critic is not None:
+                self.critic.train(was_training)
+        mask = exp.action_mask.float()
+        exp.logprobs = torch.cat(logprobs) * mask  # (B, R)
+        exp.ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, R)
+        exp.values = torch.cat(values) * mask  # (B, R)
+        exp.scores = self.score(exp)  # (B,)
+        t2 = self._sync_time()
+        exp.extras["_timing"] = {"generate": t1 - t0, "score": t2 - t1}
+        return exp
+
+    def decode_responses(self, exp: Experience) -> list[str]:
+        """Response texts up to and including EOS (special tokens skipped)."""
+        lengths = response_lengths(exp.action_mask).tolist()
+        rows = [r[:n] for r, n in zip(exp.responses.tolist(), lengths)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def score(self, exp: Experience) -> torch.Tensor:
+        """``(B,)`` raw scores from the reward source."""
+        assert self.reward_source is not None, "build_models() was not called"
+        texts = self.decode_responses(exp) if self.reward_source.needs_text else []
+        if texts:
+            exp.extras["responses"] = texts
+        inp = RewardInput(
+            sequences=exp.sequences, attention_mask=exp.attention_mask, prompt_length=exp.prompt_length,
+            action_mask=exp.action_mask, prompts=list(exp.extras.get("prompts", [])), responses=texts,
+            extras={k: v for k, v in exp.extras.items() if not k.startswith("_")},
+        )
+        return self.reward_source(inp).to(exp.device).float()
+
+    # ------------------------------------------------------------------ 2. score shaping
+    def update_reward_moments(self, scores: torch.Tensor) -> None:
+        """Fold this batch's scores (all ranks) into the running mean/variance (Chan's parallel update)."""
+        n, s, ss = self._global_sums([torch.tensor(float(scores.numel())), scores.sum(), (scores.double() ** 2).sum()])
+        if n <= 0:
+            return
+        batch_mean = s / n
+        batch_var = max(ss / n - batch_mean**2, 0.0)
+        count, mean, var = float(self.reward_count), float(self.reward_mean), float(self.reward_var)
+        total = count + n
+        delta = batch_mean - mean
+        new_mean = mean + delta * n / total
+        m2 = var * count + batch_var * n + delta**2 * count * n / total
+        self.reward_mean.fill_(new_mean)
+        self.reward_var.fill_(m2 / total)
+        self.reward_count.fill_(total)
+
+    def normalize_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Running normalisation ``reward_norm`` (moments updated with this batch first)."""
+        if self.reward_norm == "none":
+            return scores
+        self.update_reward_moments(scores)
+        std = math.sqrt(float(self.reward_var) + 1e-8)
+        if self.reward_norm == "scale":
+            return scores / std
+        normed = (scores - float(self.reward_mean)) / std
+        if self.reward_norm == "norm_clip":
+            normed = normed.clamp(-self.reward_clip, self.reward_clip)
+        return normed
+
+    def shape_scores(self, exp: Experience) -> torch.Tensor:
+        """Spec 1.4 step 2: ``transform_scores`` -> running normalisation -> no-EOS penalty. Returns ``(B,)``."""
+        shaped = self.transform_scores(exp.scores, exp)
+        shaped = self.normalize_scores(shaped)
+        if self.no_eos_penalty is not None:
+            stopped = exp.extras["stopped_by_eos"].to(shaped.device)
+            shaped = torch.where(stopped, shaped, shaped - self.no_eos_penalty)
+        return shaped
+
+    # ------------------------------------------------------------------ 3. rewards and advantages
+    @torch.no_grad()
+    def compute_advantages(self, exp: Experience) -> Experience:
+        """Fill ``shaped_scores``, ``kl``, ``kl_coef``, ``rewards``, ``advantages``, ``returns`` (steps 2-4)."""
+        exp.shaped_scores = self.shape_scores(exp)
+        mask = exp.action_mask
+        exp.kl = kl_penalty(exp.logprobs, exp.ref_logprobs, self.kl_estimator) * mask  # (B, R)
+        exp.kl_coef = self.per_sample_kl_coef(exp)  # (B,)
+        exp.rewards = token_rewards(exp.shaped_scores, exp.kl, exp.kl_coef, mask)  # (B, R)
+        advantages, exp.returns = gae(exp.rewards, exp.values, mask, gamma=self.gamma, lam=self.lam)
+        if self.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, reduce_fn=self.reduce_fn())
+        exp.advantages = advantages
+        return exp
+
+    # ------------------------------------------------------------------ 4. update
+    def forward_micro(self, micro: Experience, train_policy: bool, keep_policy_graph: bool = False) -> PPOForwardOutput:
+        """Current log-probs, values and entropy of a micro-batch (with grad).
+
+        With ``train_policy=False`` (critic warm-up) the policy forward is skipped for a separate critic, and the
+        log-probs / shared trunk are detached, unless ``keep_policy_graph`` (DDP needs every parameter in the graph;
+        the caller then adds ``0 * logprobs`` and drops the policy's gradients).
+        """
+        P = micro.prompt_length
+        shared = self.critic is None
+        logprobs = entropy = hidden = None
+        if train_policy or shared or keep_policy_graph:
+            logits, hidden = self._logits(self.policy, micro.sequences, micro.attention_mask, P, output_hidden_states=shared)
+            logprobs = token_logprobs(logits, micro.responses)  # (b, R)
+            if self.ent_coef > 0 and train_policy:
+                entropy = entropy_from_logits(logits)
+            else:
+                with torch.no_grad():
+                    entropy = entropy_from_logits(logits.detach())
+            if not train_policy and not keep_policy_graph:
+                logprobs = logprobs.detach()
+                hidden = hidden.detach() if hidden is not None else None  # warm-up: no policy gradient
+        values = self._critic_values(micro.sequences, micro.attention_mask, P, hidden)
+        return PPOForwardOutput(logprobs=logprobs, values=values, entropy=entropy)
+
+    def _next_ptx_batch(self) -> TokenBatch:
+        if self._ptx_iter is None:
+            from lightning_rlhf.data.modules import DemonstrationDataModule
+
+            dm = DemonstrationDataModule(**self.ptx_data)
+            dm.set_tokenizer(self.tokenizer)
+            dm.setup("fit")
+            loader = dm.train_dataloader()
+
+            def cycle() -> Iterator[TokenBatch]:
+                while True:
+                    yield from loader
+
+            self._ptx_iter = cycle()
+        return self.transfer_batch_to_device(next(self._ptx_iter), self.device, 0)
+
+    def ppo_update(self, exp: Experience) -> dict[str, float]:
+        """``ppo_epochs x minibatches`` optimizer steps, each accumulated over micro-batches (step 5)."""
+        train_policy = self.iteration >= self.critic_warmup_iters
+        # DDP (find_unused_parameters=False) fails when the policy gets no gradient during critic warm-up: keep it in
+        # the graph with a zero-weighted term and drop its gradients before the optimizer step
+        anchor_policy = not train_policy and self._trainer is not None and self.trainer.world_size > 1
+        self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
+        g = torch.Generator().manual_seed(self.rollout_seed())
+        # statistics accumulate as device tensors (no host sync per micro-batch); read once at the end
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        keys = ("pg_loss", "v_loss", "entropy", "clip_frac", "approx_kl", "v_clip_frac", "ptx", "extra", "tokens",
+                "grad_norm", "steps", "tokens_processed")
+        sums = {k: zero.clone() for k in keys}
+        for _ in range(self.ppo_epochs):
+            for mb in exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g):
+                n_tokens = mb.action_mask.sum().clamp_min(1).float()
+                micros = list(mb.minibatches(self.micro_batch_size or len(mb), shuffle=False))
+                for i, micro in enumerate(micros):
+                    out = self.forward_micro(micro, train_policy, keep_policy_graph=anchor_policy)
+                    mask = micro.action_mask
+                    v_loss, v_clip = value_loss(out.values, micro.values, micro.returns, mask, self.value_clip, n_tokens)
+                    loss = self.vf_coef * v_loss
+                    if anchor_policy and out.logprobs is not None:
+                        loss = loss + 0.0 * masked_sum(out.logprobs, mask)
+                    if train_policy:
+                        out.policy = policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, self.clip_eps, n_tokens)
+                        loss = loss + out.policy.loss
+                        if self.ent_coef > 0:
+                            loss = loss - self.ent_coef * masked_sum(out.entropy, mask) / n_tokens
+                    extra = self.extra_loss(micro, out)
+                    if extra is not None:
+                        loss = loss + extra * (len(micro) / len(mb))
+                        sums["extra"] += extra.detach().double() * len(micro) / len(mb)
+                    if train_policy and self.ptx_coef > 0 and i == len(micros) - 1:
+                        ptx = self._next_ptx_batch()
+                        nll_sum, nll_n = masked_nll_sum(self.lm_forward(self.policy, ptx.input_ids, ptx.attention_mask),
+                                                        ptx.input_ids, ptx.loss_mask)
+                        ptx_loss = nll_sum / nll_n.clamp_min(1)
+                        loss = loss + self.ptx_coef * ptx_loss
+                        sums["ptx"] += ptx_loss.detach().double()
+                    self.backward_micro(loss, sync=i == len(micros) - 1)
+                    # token-weighted statistics (micro-batch quantities are over n_tokens of the minibatch)
+                    m_tokens = mask.sum().double()
+                    sums["v_loss"] += v_loss.detach().double()
+                    sums["v_clip_frac"] += v_clip.double() * m_tokens
+                    if out.entropy is not None:
+                        sums["entropy"] += masked_sum(out.entropy.detach(), mask).double()
+                    if out.policy is not None:
+                        sums["pg_loss"] += out.policy.loss.detach().double()
+                        sums["clip_frac"] += out.policy.clip_frac.double() * m_tokens
+                        sums["approx_kl"] += out.policy.approx_kl.double() * m_tokens
+                    sums["tokens"] += m_tokens
+                    sums["tokens_processed"] += micro.attention_mask.sum().double()
+                if not train_policy:
+                    for p in self.policy.parameters():
+                        p.grad = None  # critic warm-up: AdamW skips parameters without gradients
+                sums["grad_norm"] += self.optimizer_update().double()
+                sums["steps"] += 1
+        vals = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))  # one host sync
+        steps, toks = max(vals["steps"], 1.0), max(vals["tokens"], 1.0)
+        return {
+            "policy/loss": vals["pg_loss"] / steps, "value/loss": vals["v_loss"] / steps,
+            "policy/entropy": vals["entropy"] / toks, "policy/clip_frac": vals["clip_frac"] / toks,
+            "policy/approx_kl": vals["approx_kl"] / toks, "value/clip_frac": vals["v_clip_frac"] / toks,
+            "ptx/loss": vals["ptx"] / steps, "extra/loss": vals["extra"] / steps, "grad_norm": vals["grad_norm"] / steps,
+            "_tokens_processed": vals["tokens_processed"],
+        }
+
+    # ------------------------------------------------------------------ the iteration
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """One PPO iteration: rollout -> scores/advantages -> PPO updates -> rank-reduced stats."""
+        exp = self.make_experience(batch)
+        self.compute_advantages(exp)
+        t0 = self._sync_time()
+        upd = self.ppo_update(exp)
+        t_update = self._sync_time() - t0
+        stats = self.rollout_statistics(exp, upd, t_update)
+        self._last_stats = {
+            "kl_seq_sum": stats["kl"], "kl_token_mean": stats["kl/token_mean"],
+            "num_sequences": stats["_num_sequences"], "score_mean": stats["score/mean"],
+        }
+        self.iteration += 1
+        logged = {k: v for k, v in stats.items() if not k.startswith("_")}
+        prog = {"iteration", "score/mean", "kl"}
+        self.log_dict({k: float(v) for k, v in logged.items() if k in prog}, prog_bar=True, on_step=True,
+                      on_epoch=False, batch_size=len(exp))
+        self.log_dict({k: float(v) for k, v in logged.items() if k not in prog}, on_step=True, on_epoch=False,
+                      batch_size=len(exp))
+        if self.log_samples_every_n and (self.iteration - 1) % self.log_samples_every_n == 0:
+            self.log_samples(exp)
+        if self.max_iterations is not None and self.iteration >= self.max_iterations:
+            self.trainer.should_stop = True
+        return {k: torch.tensor(float(v)) for k, v in logged.items()}
+
+    def rollout_statistics(self, exp: Experience, upd: dict[str, float], t_update: float) -> dict[str, float]:
+        """Iteration statistics; sums and counts are reduced across ranks in one all-reduce."""
+        mask = exp.action_mask.float()
+        lengths = mask.sum(-1)  # (B,)
+        kl_rows = exp.kl.sum(-1)  # (B,)
+        stopped = exp.extras["stopped_by_eos"].float()
+        (n, s_sum, s_sq, sh_sum, kl_sum, kl_tok, n_tok, no_eos, len_sum, coef_sum) = self._global_sums([
+            torch.tensor(float(len(exp))), exp.scores.sum(), (exp.scores.double() ** 2).sum(), exp.shaped_scores.sum(),
+            kl_rows.sum(), exp.kl.sum(), mask.sum(), (1 - stopped).sum(), lengths.sum(), exp.kl_coef.sum(),
+        ])
+        n_tok = max(n_tok, 1.0)
+        mean = s_sum / n
+        timing = exp.extras.get("_timing", {})
+        gen_tokens = float(mask.sum())
+        score_tokens = float(exp.attention_mask.sum()) * 3  # policy, reference, critic passes
+        stats = {
+            "iteration": float(self.iteration),
+            "score/mean": mean,
+            "score/std": math.sqrt(max(s_sq / n - mean**2, 0.0) * n / max(n - 1, 1)),
+            "score/shaped_mean": sh_sum / n,
+            "kl": kl_sum / n,
+            "kl/token_mean": kl_tok / n_tok,
+            "kl_coef": self.kl_coef,
+            "kl_coef/sample_mean": coef_sum / n,
+            "value/explained_var": float(explained_variance(exp.values, exp.returns, exp.action_mask, self.reduce_fn())),
+            "response/length": len_sum / n,
+            "response/no_eos_frac": no_eos / n,
+            "time/generate": timing.get("generate", 0.0),
+            "time/score": timing.get("score", 0.0),
+            "time/update": t_update,
+            "tokens_per_s/generate": gen_tokens / max(timing.get("generate", 0.0), 1e-9),
+            "tokens_per_s/score": score_tokens / max(timing.get("score", 0.0), 1e-9),
+            "tokens_per_s/update": upd["_tokens_processed"] / max(t_update, 1e-9),
+            "lr": self.current_lr(),
+            "_num_sequences": n,
+        }
+        # update-phase averages are local per rank; average them too so every rank logs the same numbers
+        keys = [k for k in upd if not k.startswith("_")]
+        world = float(self.trainer.world_size) if self._trainer is not None else 1.0
+        reduced = self._global_sums([torch.tensor(upd[k]) for k in keys])
+        stats.update({k: v / world for k, v in zip(keys, reduced)})
+        return stats
+
+    def log_samples(self, exp: Experience) -> None:
+        """A markdown table of a few prompts / responses / scores (TensorBoard ``add_text`` when available)."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        k = min(self.num_logged_samples, len(exp))
+        responses = exp.extras.get("responses") or self.decode_responses(exp.select(slice(0, k)))
+        prompts = exp.extras.get("prompts") or [""] * k
+
+        def cell(text: str, limit: int = 300) -> str:
+            text = text[-limit:] if len(text) > limit else text
+            return text.replace("|", "\\|").replace("\n", "<br>")
+
+        rows = ["| prompt | response | score | shaped |", "|---|---|---|---|"]
+        for i in range(k):
+            rows.append(f"| {cell(prompts[i])} | {cell(responses[i])} | {float(exp.scores[i]):.3f} | "
+                        f"{float(exp.shaped_scores[i]):.3f} |")
+        table = "\n".join(rows)
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("rollout/samples", table, global_step=self.iteration)
+        log.info("iteration %d samples:\n%s", self.iteration, table)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen models (base), keep the iteration counter and ``kl_coef``."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kl_coef"] = self.kl_coef
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the iteration counter and ``kl_coef``; frozen models are rebuilt from their paths."""
+        super().on_load_checkpoint(checkpoint)
+        self.kl_coef = float(checkpoint.get("kl_coef", self.kl_coef))

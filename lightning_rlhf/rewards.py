@@ -1,0 +1,195 @@
+"""Reward sources for online RL behind one small interface: ``source(RewardInput) -> scores (B,)``.
+
+Two kinds:
+
+* :class:`ModelReward`: a reward model (a folder exported by ``RewardModelModule``, or any Hugging Face
+  sequence-classification model with one label), scoring token ids, micro-batched, without gradients.
+  When its tokenizer differs from the policy's, the decoded prompt + response text is re-tokenised.
+* :class:`FunctionReward`: a Python reward function on decoded text (rule-based rewards), e.g.
+  :class:`TokenCountReward`. From a config it is given by class path::
+
+      reward_fn:
+        class_path: lightning_rlhf.rewards.TokenCountReward
+        init_args: {token: "e"}
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+
+@dataclass
+class RewardInput:
+    """What a reward source sees of a rollout batch.
+
+    Attributes:
+        sequences: ``(B, P+R)`` left-padded prompt + response ids (pad after EOS).
+        attention_mask: ``(B, P+R)`` 1 on real prompt tokens and response tokens up to the first EOS.
+        prompt_length: ``P``.
+        action_mask: ``(B, R)`` response-token mask.
+        prompts: ``B`` prompt texts (as given by the data, before any chat template), or decoded prompts.
+        responses: ``B`` decoded responses (special tokens skipped), filled only when a source needs text.
+        extras: per-prompt fields carried from the data (prompt ids, domains...).
+    """
+
+    sequences: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R)
+    prompt_length: int
+    action_mask: torch.Tensor  # (B, R)
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Scores a rollout batch. ``needs_text``: whether ``RewardInput.responses`` must be decoded first."""
+
+    needs_text: bool
+
+    def __call__(self, inp: RewardInput) -> torch.Tensor:
+        """Return ``(B,)`` float32 scores on the device of ``inp.sequences``."""
+        ...
+
+
+class RewardFunction:
+    """Base of rule-based reward functions on decoded text. Subclass and implement :meth:`__call__`."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], **extras: Any) -> Sequence[float]:
+        """Score each (prompt, response) pair.
+
+        Args:
+            prompts: ``B`` prompt texts.
+            responses: ``B`` response texts.
+            extras: per-prompt fields from the data (lists of length ``B``), for functions that need them.
+
+        Returns:
+            ``B`` floats (a list or a ``(B,)`` tensor).
+        """
+        raise NotImplementedError
+
+
+class TokenCountReward(RewardFunction):
+    """Number of (non-overlapping) occurrences of ``token`` in the response text: a toy rule-based reward.
+
+    Args:
+        token: substring to count (e.g. ``"e"`` or a word).
+        max_count: cap on the count per response; ``None`` = no cap.
+        normalize: divide by the response length in characters (rewards density rather than length).
+    """
+
+    def __init__(self, token: str = "e", max_count: Optional[int] = None, normalize: bool = False) -> None:
+        if not token:
+            raise ValueError("TokenCountReward: token must be a non-empty string")
+        self.token = token
+        self.max_count = max_count
+        self.normalize = normalize
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], **extras: Any) -> list[float]:
+        """Count ``token`` in each response."""
+        out = []
+        for text in responses:
+            n = text.count(self.token)
+            if self.max_count is not None:
+                n = min(n, self.max_count)
+            out.append(n / max(1, len(text)) if self.normalize else float(n))
+        return out
+
+
+def instantiate_class_path(spec: Union[dict[str, Any], Any]) -> Any:
+    """Build an object from ``{"class_path": "pkg.mod.Class", "init_args": {...}}``; objects pass through.
+
+    Args:
+        spec: the dict (as written in a YAML config) or an already built object.
+
+    Returns:
+        The instance.
+    """
+    if not isinstance(spec, dict):
+        return spec
+    if "class_path" not in spec:
+        raise ValueError(f"expected a dict with 'class_path' (and optional 'init_args'), got keys {sorted(spec)}")
+    module_name, _, cls_name = spec["class_path"].rpartition(".")
+    if not module_name:
+        raise ValueError(f"class_path must be a dotted path 'package.module.Class', got {spec['class_path']!r}")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**(spec.get("init_args") or {}))
+
+
+class FunctionReward:
+    """A :class:`RewardSource` around a text reward function (any callable ``fn(prompts, responses, **extras)``).
+
+    Args:
+        fn: the reward function, or its ``class_path`` / ``init_args`` dict.
+    """
+
+    needs_text = True
+
+    def __init__(self, fn: Union[RewardFunction, dict[str, Any], Any]) -> None:
+        self.fn = instantiate_class_path(fn)
+        if not callable(self.fn):
+            raise TypeError(f"reward function {type(self.fn).__name__} is not callable")
+
+    def __call__(self, inp: RewardInput) -> torch.Tensor:
+        """Call the function on the decoded texts; per-sample list extras are passed as keyword arguments."""
+        B = inp.sequences.shape[0]
+        extras = {
+            k: v for k, v in inp.extras.items()
+            if isinstance(v, (list, tuple)) and len(v) == B and k not in ("prompts", "responses")
+        }
+        scores = self.fn(list(inp.prompts), list(inp.responses), **extras)
+        scores = torch.as_tensor(scores, dtype=torch.float32).to(inp.sequences.device).reshape(-1)
+        if scores.shape[0] != B:
+            raise ValueError(f"reward function returned {scores.shape[0]} scores for {B} responses")
+        return scores
+
+
+class ModelReward:
+    """A :class:`RewardSource` around a frozen scalar-head reward model (``ScalarHeadModel``).
+
+    Args:
+        model: callable ``model(input_ids, attention_mask) -> (B,)`` scores read at the last non-pad token.
+        micro_batch_size: rows per forward pass; ``None`` = the whole batch.
+        tokenizer: the reward model's tokenizer, only when it differs from the policy's (then texts are
+            re-tokenised, right-padded, up to ``max_length`` tokens).
+        max_length: truncation length for re-tokenised inputs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        micro_batch_size: Optional[int] = None,
+        tokenizer: Any = None,
+        max_length: int = 2048,
+    ) -> None:
+        self.model = model
+        self.micro_batch_size = micro_batch_size
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.needs_text = tokenizer is not None
+
+    @torch.no_grad()
+    def __call__(self, inp: RewardInput) -> torch.Tensor:
+        """Score ``prompt + response`` (up to and including EOS) of every row."""
+        if self.tokenizer is not None:
+            enc = self.tokenizer(
+                [p + r for p, r in zip(inp.prompts, inp.responses)],
+                return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+            )
+            input_ids = enc["input_ids"].to(inp.sequences.device)
+            attention_mask = enc["attention_mask"].to(inp.sequences.device)
+        else:
+            input_ids, attention_mask = inp.sequences, inp.attention_mask
+        B = input_ids.shape[0]
+        size = self.micro_batch_size or B
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            scores = [self.model(input_ids[s : s + size], attention_mask[s : s + size]) for s in range(0, B, size)]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(scores).float()
