@@ -193,3 +193,41 @@ class ModelReward:
         finally:
             self.model.train(was_training)
         return torch.cat(scores).float()
+
+
+def build_reward_source(
+    tokenizer: Any,
+    reward_model_name_or_path: Optional[str] = None,
+    reward_fn: Optional[dict[str, Any]] = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    micro_batch_size: Optional[int] = None,
+) -> tuple[RewardSource, Optional[torch.nn.Module]]:
+    """The reward source of an online-RL module, from exactly one of a reward-model path and a ``reward_fn`` spec.
+
+    Args:
+        tokenizer: The policy's tokenizer (a reward model with another vocabulary gets re-tokenised text).
+        reward_model_name_or_path: Reward-model folder or hub id (``AutoModelForSequenceClassification``, one label).
+        reward_fn: ``{class_path, init_args}`` of a :class:`RewardFunction`.
+        dtype: Parameter dtype of the reward model.
+        trust_remote_code: Allow repository code (off by default).
+        micro_batch_size: Rows per reward-model forward pass.
+
+    Returns:
+        ``(source, reward_model)``; ``reward_model`` is the frozen model (``None`` for a function).
+    """
+    if (reward_model_name_or_path is None) == (reward_fn is None):
+        raise ValueError("exactly one reward source is needed: set model.reward_model_name_or_path OR model.reward_fn")
+    if reward_model_name_or_path is None:
+        return FunctionReward(reward_fn), None
+    from lightning_rlhf.models.factory import load_tokenizer
+    from lightning_rlhf.models.value import load_scalar_model
+
+    reward_model = load_scalar_model(
+        reward_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id
+    )
+    reward_model.requires_grad_(False).eval()
+    rm_tokenizer = load_tokenizer(reward_model_name_or_path, trust_remote_code=trust_remote_code)
+    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    source = ModelReward(reward_model, micro_batch_size=micro_batch_size, tokenizer=None if same_vocab else rm_tokenizer)
+    return source, reward_model

@@ -32,9 +32,9 @@ from lightning_rlhf.losses.ppo import KLEstimator, PolicyLossOutput, entropy_fro
 from lightning_rlhf.losses.ppo import token_rewards, value_loss
 from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
-from lightning_rlhf.models.factory import load_causal_lm, load_reference, load_tokenizer
+from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
-from lightning_rlhf.rewards import FunctionReward, ModelReward, RewardInput, RewardSource
+from lightning_rlhf.rewards import RewardInput, RewardSource, build_reward_source
 from lightning_rlhf.rollout.experience import Experience
 from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, token_logprobs
@@ -253,22 +253,10 @@ class PPOModule(RLHFModule):
             self.value_head = nn.Linear(hidden, 1)
             nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
             nn.init.zeros_(self.value_head.bias)
-        if self.reward_model_name_or_path is not None:
-            self.reward_model: Optional[ScalarHeadModel] = load_scalar_model(
-                self.reward_model_name_or_path, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            for p in self.reward_model.parameters():
-                p.requires_grad_(False)
-            self.reward_model.eval()
-            rm_tokenizer = load_tokenizer(self.reward_model_name_or_path, trust_remote_code=self.trust_remote_code)
-            same_vocab = rm_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-            self.reward_source = ModelReward(
-                self.reward_model, micro_batch_size=self._rollout_micro(), tokenizer=None if same_vocab else rm_tokenizer
-            )
-        else:
-            self.reward_model = None
-            self.reward_source = FunctionReward(self.reward_fn_spec)
+        self.reward_source, self.reward_model = build_reward_source(
+            self.tokenizer, self.reward_model_name_or_path, self.reward_fn_spec, dtype=self.dtype_name,
+            trust_remote_code=self.trust_remote_code, micro_batch_size=self._rollout_micro(),
+        )
 
     def export_model(self) -> nn.Module:
         """The policy (saved as a plain HF causal-LM folder at the end of ``fit``)."""
