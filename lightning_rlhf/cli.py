@@ -18,11 +18,19 @@ from lightning.pytorch.cli import LightningCLI
 # imported so that their classes are known to the CLI (``--model DPOModule`` / ``--data PreferenceDataModule``)
 import lightning_rlhf.data  # noqa: F401
 import lightning_rlhf.methods  # noqa: F401
+from callbacks.preemption import CheckpointOnSigterm
+from callbacks.rng_state import RNGStateCallback
 from lightning_rlhf.methods.base import RLHFModule
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with lightning-rlhf's defaults: TensorBoard logs under ``runs/``, config saved with the run."""
+    """LightningCLI with lightning-rlhf's defaults: TensorBoard logs under ``runs/``, config saved with the run.
+
+    Fault-tolerance defaults: checkpoints are written atomically (``trainer.plugins`` defaults to
+    :class:`~lightning_rlhf.checkpoint_io.AtomicCheckpointIO`), and unless ``trainer.callbacks`` already has one of
+    them, :class:`callbacks.preemption.CheckpointOnSigterm` (SIGTERM -> checkpoint ``last.ckpt`` and stop) and
+    :class:`callbacks.rng_state.RNGStateCallback` (RNG states in checkpoints, for exact resumes) are added.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -45,8 +53,18 @@ class RLHFCLI(LightningCLI):
                     "init_args": {"save_dir": "runs", "name": "default"},
                 },
                 "trainer.log_every_n_steps": 1,
+                # --- fault tolerance: atomic checkpoint files ---
+                "trainer.plugins": [{"class_path": "lightning_rlhf.checkpoint_io.AtomicCheckpointIO"}],
             }
         )
+
+    # --- fault tolerance: default callbacks ---
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        for cls in (CheckpointOnSigterm, RNGStateCallback):
+            if not any(isinstance(cb, cls) for cb in trainer.callbacks):
+                trainer.callbacks.append(cls())
+        return trainer
 
 
 def _has_omegaconf() -> bool:

@@ -193,3 +193,12 @@ def test_builtin_dataset_has_domains_and_test_split(tokenizer):
     dm.setup("fit")
     assert len(dm.train_dataset) == 2000 and len(dm.val_dataset) == 400
     assert all(d.startswith("hh_") for d in dm.domain_names) and len(dm.domain_names) == 4
+
+
+def test_row_limit_applies_to_valid_rows(tmp_path, tokenizer):
+    rows = [dict(GOOD, prompt=f"\n\nHuman: q{i}\n\nAssistant:") for i in range(20)]
+    rows += [dict(GOOD, prompt="word " * 200) for _ in range(20)]  # too long: skipped
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    dm = make(PreferenceDataModule, path, tokenizer, skip_invalid_rows=True, max_train_rows=15)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 15 and dm.num_skipped == 20

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.data.batches import PaddingSide, PreferenceBatch, PromptBatch, TokenBatch, pad_sequences
+from lightning_rlhf.data.resumable import ResumableSampler
 from lightning_rlhf.data.sources import (
     BUILTIN_PREFIX,
     DataValidationError,
@@ -102,6 +103,9 @@ class _TextDataModule(L.LightningDataModule):
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.num_skipped: int = 0
+        # --- resumable training order (lightning_rlhf/data/resumable.py) ---
+        self._train_sampler: ResumableSampler | None = None
+        self._sampler_state_to_load: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ subclass interface
     def columns(self) -> dict[str, str]:
@@ -195,8 +199,6 @@ class _TextDataModule(L.LightningDataModule):
             for r in rows
         ]
         ds = datasets.Dataset.from_list(records)
-        if limit is not None and limit < len(ds):
-            ds = ds.shuffle(seed=self.seed).select(range(limit))
         ds = ds.map(lambda b: self.encode(b, encoder), batched=True, desc=f"tokenizing {self.kind}")
         too_long = [i for i, p in enumerate(ds["prompt_len"]) if p > self.max_prompt_length]
         if too_long:
@@ -216,6 +218,8 @@ class _TextDataModule(L.LightningDataModule):
             ds = ds.select(keep)
         if len(ds) == 0:
             raise DataValidationError(f"No rows left in {self.train_path!r} after validation.")
+        if limit is not None and limit < len(ds):  # a seeded subset of the valid rows, so it has `limit` rows
+            ds = ds.shuffle(seed=self.seed).select(range(limit)).flatten_indices()
         return ds.add_column("index", list(range(len(ds))))
 
     # ------------------------------------------------------------------ loaders
@@ -231,21 +235,63 @@ class _TextDataModule(L.LightningDataModule):
             drop_last=shuffle and len(ds) >= batch_size,
         )
 
+    # --- resumable training order: begin ---
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        """Shuffled batches from a :class:`ResumableSampler`: the order depends on ``seed`` and the epoch only (not on
+        the number of ranks), and a run resumed from a mid-epoch checkpoint continues where it stopped."""
+        world, rank = self._world()
+        # drop the incomplete last global batch (as drop_last does on one process): equal epochs on any number of ranks
+        sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
+                                   global_batch_size=self.batch_size * world)
+        if self._sampler_state_to_load is not None:
+            sampler.load_state_dict(self._sampler_state_to_load)
+            self._sampler_state_to_load = None
+        self._train_sampler = sampler
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=generator,
+            drop_last=False,  # the sampler already keeps whole batches only (unless the data is smaller than one)
+        )
+
+    def _samples_consumed(self) -> int:
+        """Training samples of the current epoch consumed so far, summed over ranks (from the fit loop's counters:
+        ``processed`` counts batches whose ``training_step`` has run, unlike the loader, which may fetch ahead)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return batches * self.batch_size * trainer.world_size
+    # --- resumable training order: end ---
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The training rows in order, unshuffled (offline passes over the RL prompts, e.g. contrastive baselines)."""
+        return self._loader(self.train_dataset, self.batch_size, shuffle=False)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"domain_names": list(self.domain_names)}
+        state: dict[str, Any] = {"domain_names": list(self.domain_names)}
+        if self._train_sampler is not None:
+            state["train_sampler"] = self._train_sampler.state_dict(self._samples_consumed())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("domain_names")
         if saved and self.domain_names and saved != self.domain_names:
             log.warning("Domains differ from the checkpoint's: %s vs %s", self.domain_names, saved)
+        self._sampler_state_to_load = state_dict.get("train_sampler")
 
 
 class _Encoder:

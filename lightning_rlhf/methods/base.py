@@ -10,7 +10,12 @@ What it gives a method:
 * Gradient clipping by global norm (``Trainer(gradient_clip_val=...)`` is not allowed with manual optimization).
 * An ``iteration`` counter saved in checkpoints (``trainer.global_step`` counts optimizer steps).
 * Frozen models (reference, reward) kept out of checkpoints: list their attribute names in ``frozen_modules``.
-* Export of the trained model as a plain Hugging Face folder at the end of ``fit`` (:meth:`export_pretrained`).
+* Export of the trained model as a plain Hugging Face folder at the end of ``fit`` (:meth:`export_pretrained`),
+  gathering full weights first under FSDP and DeepSpeed ZeRO-3.
+* A guard against non-finite losses and gradients (``on_nonfinite``): the step is skipped and counted, or the run
+  stops with a message; the decision is taken on all ranks together.
+* Start-time checks of the strategy (:meth:`RLHFModule.check_strategy`): what DeepSpeed and FSDP need is translated
+  or refused with a message naming the setting to change.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
 log = logging.getLogger(__name__)
 
 LRSchedule = Literal["constant", "linear", "cosine"]
+NonFinitePolicy = Literal["skip", "stop"]
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: LRSchedule, min_ratio: float = 0.0) -> float:
@@ -66,6 +72,9 @@ class RLHFModule(L.LightningModule):
         attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); ``null`` = transformers' choice.
         export_dir: Where the trained model is saved as a plain Hugging Face folder at the end of ``fit``;
             ``auto`` = ``<log dir>/export``; ``null`` disables export.
+        on_nonfinite: What to do when the loss or the gradient norm is NaN/inf on any rank: ``skip`` (drop the
+            gradients, leave parameters and optimizer state unchanged, count it in ``train/nonfinite_steps``) or
+            ``stop`` (raise an error naming the step).
     """
 
     #: attribute names of frozen sub-models that stay out of checkpoints and are rebuilt from their paths
@@ -86,12 +95,15 @@ class RLHFModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         export_dir: str | None = "auto",
+        on_nonfinite: NonFinitePolicy = "skip",
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be positive, got {lr}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"model.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are not in checkpoints
         self.model_name_or_path = model_name_or_path
@@ -107,9 +119,12 @@ class RLHFModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
         self.export_dir = export_dir
+        self.on_nonfinite = on_nonfinite
         self.iteration = 0
+        self.nonfinite_steps = 0  # optimizer steps skipped because of NaN/inf (saved in checkpoints)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         self._models_built = False
+        self._param_ndims: dict[str, int] = {}  # parameter ranks before sharding (FSDP flattens them)
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -118,6 +133,8 @@ class RLHFModule(L.LightningModule):
             return
         self.build_models()
         self._models_built = True
+        # ZeRO-3 partitions parameters while they are built: its ``ds_shape`` keeps the full shape
+        self._param_ndims = {n: len(getattr(p, "ds_shape", p.shape)) for n, p in self.named_parameters()}
 
     def build_models(self) -> None:
         """Create the trainable and frozen models as attributes. Override."""
@@ -146,8 +163,10 @@ class RLHFModule(L.LightningModule):
     def decay_groups(self, named: Iterator[tuple[str, nn.Parameter]], lr: float) -> list[dict[str, Any]]:
         """Split parameters into weight-decayed matrices and undecayed vectors (biases, norms)."""
         decay, no_decay = [], []
-        for _, p in named:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+        for name, p in named:
+            # under FSDP (use_orig_params) parameters are 1-D views of their shard: use the rank they were built with
+            ndim = self._param_ndims.get(_unwrapped_name(name), p.ndim)
+            (decay if ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "lr": lr, "weight_decay": self.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
@@ -188,21 +207,174 @@ class RLHFModule(L.LightningModule):
         with self.no_grad_sync(sync):
             self.manual_backward(loss)
 
-    def optimizer_update(self) -> torch.Tensor:
-        """Clip, step the optimizer and the LR scheduler, zero the gradients. Returns the pre-clip gradient norm."""
-        opt = self.optimizers()
-        params = [p for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = (
-            torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=self.device)
+    def mean_over_ranks(self, count: torch.Tensor) -> torch.Tensor:
+        """``count`` (e.g. this rank's loss tokens) averaged over ranks. Dividing a rank's loss sum by it makes DDP's
+        gradient average equal the gradient of the mean over ALL ranks' tokens (a per-rank mean would not when the
+        ranks hold different numbers of tokens). Collective: every rank must call it."""
+        count = count.detach().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="mean")
+        return count
+
+    # --- strategies and non-finite guard: begin ---
+    def strategy_kind(self) -> Literal["deepspeed", "fsdp", "other"]:
+        """Which optimizer-step path the attached trainer's strategy needs."""
+        return _strategy_kind(self.trainer.strategy) if self._trainer is not None else "other"
+
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None and stage == "fit":
+            self.check_strategy()
+
+    def check_strategy(self, strategy: Any = None, batch_size: int | None = None) -> None:
+        """Fail at start, naming the fix, when the strategy cannot run this module as configured; translate what can
+        be translated. Called from ``setup``; methods with more needs extend it.
+
+        * DeepSpeed: one optimizer (given), clipping by the engine (``model.max_grad_norm`` is copied to the config's
+          ``gradient_clipping``; a different value there is an error), one backward per optimizer step (the engine's
+          ``gradient_accumulation_steps`` is 1 under manual optimization and ZeRO-2 keeps only the last backward's
+          gradients, so ``model.micro_batch_size`` smaller than the batch is refused), ``model.on_nonfinite: stop``
+          (the engine owns the step, a skipped one cannot be undone), and ZeRO-3 gathers 16-bit weights for export.
+        * FSDP: clipping through the root module's ``clip_grad_norm_`` (done in :meth:`optimizer_update`); frozen
+          sub-models next to trainable ones need ``use_orig_params: true``.
+        * Sharded parameters (FSDP, ZeRO-3): a module that generates (a ``generator`` with ``synced_gpus``) gets
+          ``synced_gpus = True``, so every rank runs the same number of forward passes (each one gathers weights).
+
+        Args:
+            strategy: The strategy to check; default: the trainer's.
+            batch_size: Examples per training batch and rank; default: the data module's ``batch_size``.
+        """
+        strategy = strategy if strategy is not None else self.trainer.strategy
+        kind = _strategy_kind(strategy)
+        if batch_size is None and self._trainer is not None:
+            batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if kind == "deepspeed":
+            config = strategy.config if isinstance(getattr(strategy, "config", None), dict) else {}
+            clip = config.get("gradient_clipping")
+            if self.max_grad_norm and clip not in (None, 0, 0.0) and float(clip) != float(self.max_grad_norm):
+                raise ValueError(
+                    f"model.max_grad_norm={self.max_grad_norm} and the DeepSpeed config's gradient_clipping={clip} "
+                    "disagree: DeepSpeed clips inside its engine; set model.max_grad_norm: null or the same value."
+                )
+            if self.max_grad_norm and clip in (None, 0, 0.0):
+                config["gradient_clipping"] = float(self.max_grad_norm)  # translated: the engine clips
+            if self.micro_batch_size is not None and (batch_size is None or self.micro_batch_size < batch_size):
+                raise ValueError(
+                    f"model.micro_batch_size={self.micro_batch_size} accumulates several backward passes per "
+                    "optimizer step, which the DeepSpeed engine does not support under manual optimization (its "
+                    "gradient_accumulation_steps is 1; ZeRO-2 keeps only the last pass's gradients). Set "
+                    "model.micro_batch_size: null and a smaller data.batch_size, or use strategy fsdp."
+                )
+            if self.on_nonfinite != "stop":
+                raise ValueError(
+                    "model.on_nonfinite: skip cannot undo a step under DeepSpeed (the engine reduces and applies the "
+                    "gradients itself); set model.on_nonfinite: stop (configs/strategy/deepspeed_*.yaml do)."
+                )
+            zero = config.setdefault("zero_optimization", {})
+            if int(zero.get("stage", 0)) == 3:
+                if self.export_dir is not None:
+                    zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+                # from_pretrained under zero.Init must know about ZeRO-3 to load weights into partitioned parameters;
+                # transformers keeps only a weak reference to this object
+                try:
+                    from transformers.integrations import HfDeepSpeedConfig
+
+                    self._hf_deepspeed_config = HfDeepSpeedConfig(config)
+                except ImportError:  # deepspeed not installed: only reachable in unit tests of this check
+                    log.warning("deepspeed is not installed: transformers' ZeRO-3 integration not registered.")
+        sharded = kind == "fsdp" or (
+            kind == "deepspeed" and int((getattr(strategy, "config", None) or {}).get("zero_optimization", {})
+                                        .get("stage", 0)) == 3
         )
-        if self.max_grad_norm:
+        generator = getattr(self, "generator", None)
+        if sharded and getattr(generator, "synced_gpus", None) is False:
+            generator.synced_gpus = True  # ranks whose responses end early keep joining the other ranks' gathers
+        if kind == "fsdp":
+            kwargs = getattr(strategy, "kwargs", {}) or {}
+            if self.frozen_modules and kwargs.get("use_orig_params") is False:
+                raise ValueError(
+                    f"{type(self).__name__} keeps frozen models ({', '.join(self.frozen_modules)}) next to trainable "
+                    "ones, which FSDP can only shard with use_orig_params=True (FSDPStrategy's default: do not pass "
+                    "use_orig_params=False; see configs/strategy/fsdp.yaml)."
+                )
+
+    def _nonfinite_decision(
+        self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None, watch: torch.Tensor | None = None
+    ) -> bool:
+        """True when the loss, the gradient norm or ``watch`` has a NaN/inf on ANY rank (one all-reduce)."""
+        bad = torch.zeros((), device=self.device)
+        for t in (loss, grad_norm, watch):
+            if t is not None:
+                bad = bad + (~torch.isfinite(t.detach().float())).any().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad.item() > 0)
+
+    def _handle_nonfinite(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
+        step = self.trainer.global_step if self._trainer is not None else 0
+        loss_value = "n/a" if loss is None else f"{float(loss.detach().float()):.6g} (on this rank)"
+        norm_value = "n/a" if grad_norm is None else f"{float(grad_norm.detach().float()):.6g}"
+        where = f"optimizer step {step} (iteration {self.iteration}): loss={loss_value}, grad_norm={norm_value}"
+        if self.on_nonfinite == "stop":
+            raise RuntimeError(
+                f"Non-finite loss or gradient at {where}. Stopping because model.on_nonfinite=stop; set "
+                "model.on_nonfinite: skip to skip such steps, or lower model.lr / check the data."
+            )
+        self.nonfinite_steps += 1
+        log.warning("Skipping the update at %s (model.on_nonfinite=skip; %d skipped so far).", where,
+                    self.nonfinite_steps)
+
+    def optimizer_update(self, loss: torch.Tensor | None = None, watch: torch.Tensor | None = None) -> torch.Tensor:
+        """Check, clip, step the optimizer and the LR scheduler, zero the gradients. Returns the pre-clip gradient norm.
+
+        Args:
+            loss: The step's (detached) loss on this rank, checked for NaN/inf with the gradient norm; on any rank's
+                non-finite value the update is skipped on all ranks (``model.on_nonfinite: skip``: gradients dropped,
+                parameters and optimizer state unchanged; the step still counts toward ``max_steps``) or the run
+                stops (``stop``).
+            watch: Other values of the step that must be finite, e.g. rewards (an infinite reward can give a
+                finite loss).
+        """
+        opt = self.optimizers()
+        kind = self.strategy_kind()
+        sched = self.lr_schedulers()
+        if kind == "deepspeed":
+            # the engine clips (config gradient_clipping) and steps; on_nonfinite is "stop" here (check_strategy)
+            if self._nonfinite_decision(loss, None, watch):
+                self._handle_nonfinite(loss, None)
+            opt.step()
+            opt.zero_grad()
+            if sched is not None:
+                sched.step()
+            norm = getattr(self.trainer.model, "get_global_grad_norm", lambda: None)()
+            grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm), device=self.device)
+            self._log_nonfinite()
+            return grad_norm
+        if kind == "fsdp":
+            # gradients are sharded: the root module computes the global norm (and clips; inf = only measure)
+            grad_norm = self.trainer.model.clip_grad_norm_(self.max_grad_norm or float("inf"))
+        else:
+            params = [p for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = (
+                torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=self.device)
+            )
+        # fp16 (a GradScaler): overflowing gradients are the scaler's to skip (it then lowers the scale)
+        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if self._nonfinite_decision(loss, None if scaled else grad_norm, watch):
+            self._handle_nonfinite(loss, grad_norm)  # raises when on_nonfinite == "stop"
+            opt.zero_grad(set_to_none=True)  # a step without gradients leaves parameters and Adam state unchanged
+        elif self.max_grad_norm and kind != "fsdp":
             self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
+        self._log_nonfinite()
         return grad_norm.detach()
+
+    def _log_nonfinite(self) -> None:
+        if self._current_fx_name == "training_step":
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+    # --- strategies and non-finite guard: end ---
 
     def current_lr(self) -> float:
         return float(self.optimizers().optimizer.param_groups[0]["lr"])
@@ -213,9 +385,11 @@ class RLHFModule(L.LightningModule):
         if frozen:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
         checkpoint["iteration"] = self.iteration
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.iteration = int(checkpoint.get("iteration", 0))
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         self.configure_model()
 
     # ------------------------------------------------------------------ export
@@ -231,19 +405,76 @@ class RLHFModule(L.LightningModule):
         root = (self.trainer.log_dir if self._trainer is not None else None) or os.getcwd()
         return str(Path(root) / "export")
 
-    def export_pretrained(self, directory: str) -> str:
-        """Save the trained model and the tokenizer as a plain Hugging Face folder that ``from_pretrained`` loads."""
+    def export_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+        """Save the trained model and the tokenizer as a plain Hugging Face folder that ``from_pretrained`` loads.
+
+        Args:
+            directory: Target folder.
+            state_dict: Full weights of the exported model (keys as ``save_pretrained`` expects), when its
+                parameters are sharded (:meth:`gathered_export_state_dict`); ``None`` saves the parameters as they are.
+        """
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self.export_model().save_pretrained(directory)
+        if state_dict is None:
+            self.export_model().save_pretrained(directory)
+        else:
+            self.export_model().save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         return directory
+
+    # --- export under sharded strategies: begin ---
+    def _export_prefix(self) -> str:
+        """State-dict key prefix of the Hugging Face model that :meth:`export_model` saves (e.g. ``policy.``)."""
+        from transformers import PreTrainedModel
+
+        target = self.export_model()
+        base = next(name for name, mod in self.named_modules() if mod is target)
+        for sub, mod in target.named_modules():
+            if isinstance(mod, PreTrainedModel):
+                return ".".join(p for p in (base, sub) if p) + "."
+        return f"{base}."
+
+    def gathered_export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights of the exported model, gathered from the shards under FSDP and DeepSpeed ZeRO-3.
+
+        Collective: every rank must call it. Returns the state dict on rank 0 and ``None`` on other ranks; returns
+        ``None`` everywhere when parameters are not sharded (the model saves itself).
+        """
+        if self._trainer is None:
+            return None
+        kind = self.strategy_kind()
+        root = self.trainer.model
+        if kind == "fsdp":
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+            with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, cfg):
+                full = root.state_dict()
+        elif kind == "deepspeed" and int(getattr(self.trainer.strategy, "zero_stage_3", False)):
+            full = root._zero3_consolidated_16bit_state_dict()  # gathered layer by layer onto rank 0
+        else:
+            return None
+        if not self.trainer.is_global_zero:
+            return None
+        prefix = self._export_prefix()
+        out = {}
+        for key, value in (full or {}).items():
+            key = _unwrapped_name(key)
+            if key.startswith(prefix):
+                out[key[len(prefix) :]] = value
+        return out
+    # --- export under sharded strategies: end ---
 
     def on_fit_end(self) -> None:
         directory = self.resolved_export_dir()
         if directory is None:
             return
+        if any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks):  # callbacks/preemption.py
+            log.warning("Training was stopped by a signal after a checkpoint: not exporting (resume to finish).")
+            return
+        state_dict = self.gathered_export_state_dict()  # all ranks (collective under sharded strategies)
         if self.trainer.is_global_zero:
-            self.export_pretrained(directory)
+            self.export_pretrained(directory, state_dict)
             log.warning("Exported %s to %s", type(self.export_model()).__name__, directory)
         self.trainer.strategy.barrier("export")
 
@@ -252,3 +483,21 @@ class RLHFModule(L.LightningModule):
         """Domain labels of the attached data module (``["default"]`` if it has none)."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return list(getattr(dm, "domain_names", None) or ["default"])
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the wrapper modules that FSDP / activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_forward_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _strategy_kind(strategy: Any) -> Literal["deepspeed", "fsdp", "other"]:
+    """``deepspeed`` / ``fsdp`` for Lightning's DeepSpeed and FSDP strategies (and subclasses), else ``other``."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "deepspeed"
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp"
+    return "other"

@@ -43,6 +43,8 @@ class DPOModule(RLHFModule):
         trust_remote_code: Allow repository code (off by default).
         attn_implementation: Attention kernel; ``null`` = transformers' choice.
         export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
+        on_nonfinite: On a NaN/inf loss or gradient norm (any rank): ``skip`` the update and count it in
+            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     frozen_modules = ("reference",)
@@ -82,6 +84,7 @@ class DPOModule(RLHFModule):
         self.reference = load_reference(self.ref_model_name_or_path, self.dtype_name, self.trust_remote_code)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # strategy checks
         self.val_metrics = PairwiseMetrics(self.domain_names(), prefix="val")
 
     def export_model(self) -> nn.Module:
@@ -152,7 +155,7 @@ class DPOModule(RLHFModule):
             hs.append(out.logits.detach())
             chosen.append(out.chosen_rewards)
             rejected.append(out.rejected_rewards)
-        grad_norm = self.optimizer_update()
+        grad_norm = self.optimizer_update(total)  # skips (or stops on) a non-finite loss / gradient
         self.iteration += 1
         h, cr, rr = torch.cat(hs), torch.cat(chosen), torch.cat(rejected)
         acc = (h > 0).float().mean()

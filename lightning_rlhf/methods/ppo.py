@@ -130,6 +130,8 @@ class PPOModule(RLHFModule):
         trust_remote_code: Allow repository code (off by default).
         attn_implementation: Attention kernel; ``null`` = transformers' choice.
         export_dir: Hugging Face folder of the policy written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
+        on_nonfinite: On a NaN/inf loss, score or gradient norm (any rank): ``skip`` the optimizer step and count it in
+            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     frozen_modules = ("reference", "reward_model")
@@ -438,6 +440,7 @@ class PPOModule(RLHFModule):
     # ------------------------------------------------------------------ 2. score shaping
     def update_reward_moments(self, scores: torch.Tensor) -> None:
         """Fold this batch's scores (all ranks) into the running mean/variance (Chan's parallel update)."""
+        scores = scores[torch.isfinite(scores)]  # a NaN/inf score must not poison the moments (its step is skipped)
         n, s, ss = self._global_sums([torch.tensor(float(scores.numel())), scores.sum(), (scores.double() ** 2).sum()])
         if n <= 0:
             return
@@ -547,7 +550,9 @@ class PPOModule(RLHFModule):
         sums = {k: zero.clone() for k in keys}
         for _ in range(self.ppo_epochs):
             for mb in exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g):
-                n_tokens = mb.action_mask.sum().clamp_min(1).float()
+                # token-mean over the minibatch of ALL ranks: DDP averages gradients, so each rank divides its token
+                # sum by (global tokens / world size); with unequal response lengths a per-rank mean would differ
+                n_tokens = self.mean_over_ranks(mb.action_mask.sum()).clamp_min(1)
                 micros = list(mb.minibatches(self.micro_batch_size or len(mb), shuffle=False))
                 for i, micro in enumerate(micros):
                     out = self.forward_micro(micro, train_policy, keep_policy_graph=anchor_policy)

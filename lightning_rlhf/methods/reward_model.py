@@ -43,6 +43,8 @@ class RewardModelModule(RLHFModule):
         trust_remote_code: Allow repository code (off by default).
         attn_implementation: Attention kernel; ``null`` = transformers' choice.
         export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
+        on_nonfinite: On a NaN/inf loss or gradient norm (any rank): ``skip`` the update and count it in
+            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     def __init__(self, center_coef: float = 0.0, lm_coef: float = 0.0, **kwargs: Any) -> None:
@@ -71,6 +73,7 @@ class RewardModelModule(RLHFModule):
             )
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # strategy checks
         self.val_metrics = PairwiseMetrics(self.domain_names(), prefix="val")
 
     def export_model(self) -> nn.Module:
@@ -108,10 +111,10 @@ class RewardModelModule(RLHFModule):
             total += loss.detach()
             chosen_all.append(r_w.detach())
             rejected_all.append(r_l.detach())
-        grad_norm = self.optimizer_update()
-        self.iteration += 1
         r_w, r_l = torch.cat(chosen_all), torch.cat(rejected_all)
         scores = torch.cat([r_w, r_l])
+        grad_norm = self.optimizer_update(total, watch=scores)  # skips (or stops on) non-finite loss/rewards/grads
+        self.iteration += 1
         acc = (r_w > r_l).float().mean()
         self.log_dict(
             {

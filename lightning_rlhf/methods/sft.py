@@ -34,6 +34,8 @@ class SFTModule(RLHFModule):
         trust_remote_code: Allow repository code (off by default).
         attn_implementation: Attention kernel; ``null`` = transformers' choice.
         export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
+        on_nonfinite: On a NaN/inf loss or gradient norm (any rank): ``skip`` the update and count it in
+            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -55,7 +57,8 @@ class SFTModule(RLHFModule):
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
         self.policy.train()
-        num_tokens = batch.loss_mask[:, 1:].sum().clamp(min=1)
+        # tokens per rank averaged over ranks: the loss is then the token mean over all ranks' sequences under DDP
+        num_tokens = self.mean_over_ranks(batch.loss_mask[:, 1:].sum()).clamp(min=1)
         chunks = self.micro_batches(len(batch))
         total = torch.zeros((), device=self.device)
         for i, (s, e) in enumerate(chunks):
@@ -65,7 +68,7 @@ class SFTModule(RLHFModule):
             loss = nll / num_tokens
             self.backward_micro(loss, sync=i == len(chunks) - 1)
             total += loss.detach()
-        grad_norm = self.optimizer_update()
+        grad_norm = self.optimizer_update(total)  # skips (or stops on) a non-finite loss / gradient
         self.iteration += 1
         self.log_dict(
             {"train/loss": total, "train/grad_norm": grad_norm, "train/lr": self.current_lr(),
