@@ -68,7 +68,7 @@ def test_sampler_global_order_does_not_depend_on_the_number_of_ranks():
 
 # each case is ~20 s in process + ~30 s for the 2-process run (on a busy 2-core machine): RM and SFT run with -m slow.
 # SFT divides by the tokens of all ranks (mean_over_ranks), so unequal token counts per rank do not break it.
-@pytest.mark.parametrize("method", ["dpo", *(pytest.param(m, marks=pytest.mark.slow) for m in ("rm", "sft"))])
+@pytest.mark.parametrize("method", ["dpo", "rm", "sft"])
 def test_two_ddp_processes_match_one_process_with_the_whole_batch(method, in_tmp):
     config = str(REPO / "configs" / method / "tiny.yaml")
     # 1 process, global batch
@@ -152,7 +152,6 @@ def run_fixed_experience_ppo(out: str, devices: int, batch_size: int) -> None:
         torch.save({"params": params, "init": init, "stats": stats}, out)
 
 
-@pytest.mark.slow
 def test_ppo_iterations_on_fixed_responses_match_between_two_ranks_and_one(in_tmp):
     """Same prompts, same (fixed) responses: the scoring, the cross-rank statistics (reward moments, advantage
     whitening, the KL the controller reads) and the update give 2 ranks x 4 prompts the parameters of 1 x 8."""
