@@ -31,20 +31,8 @@ class DPOModule(RLHFModule):
         label_smoothing: Conservative-DPO label noise ``eps`` (``sigmoid`` only).
         precompute_ref_logprobs: Score every training and validation pair with the reference once before training,
             cache the log-probs, and free the reference model.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        warmup_steps: Linear warm-up optimizer steps.
-        lr_schedule: ``constant``, ``linear`` or ``cosine``.
-        max_grad_norm: Gradient clipping norm; ``null`` disables.
+        lr: Peak learning rate (DPO is usually run at 5e-7 to 5e-6 on pretrained models).
         micro_batch_size: Pairs per micro-batch (gradient accumulation inside a step).
-        dtype: Parameter dtype.
-        gradient_checkpointing: Recompute activations to save memory.
-        trust_remote_code: Allow repository code (off by default).
-        attn_implementation: Attention kernel; ``null`` = transformers' choice.
-        export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
-        on_nonfinite: On a NaN/inf loss or gradient norm (any rank): ``skip`` the update and count it in
-            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     frozen_modules = ("reference",)
@@ -56,10 +44,10 @@ class DPOModule(RLHFModule):
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         precompute_ref_logprobs: bool = False,
+        lr: float = 5e-6,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("lr", 5e-6)
-        super().__init__(**kwargs)
+        super().__init__(lr=lr, **kwargs)
         if beta <= 0:
             raise ValueError(f"model.beta must be positive, got {beta}")
         if label_smoothing and loss_type != "sigmoid":

@@ -119,19 +119,7 @@ class PPOModule(RLHFModule):
         log_samples_every_n: Log a text table of samples every N iterations (0 disables).
         num_logged_samples: Rows in that table.
         lr: Policy learning rate (PPO-max: 1e-6; raise it for small models).
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        warmup_steps: Linear warm-up optimizer steps.
-        lr_schedule: ``constant``, ``linear`` or ``cosine``.
-        max_grad_norm: Gradient clipping by global norm; ``null`` disables.
         micro_batch_size: Rows per forward/backward micro-batch in the update (gradient accumulation).
-        dtype: Parameter dtype.
-        gradient_checkpointing: Recompute activations to save memory.
-        trust_remote_code: Allow repository code (off by default).
-        attn_implementation: Attention kernel; ``null`` = transformers' choice.
-        export_dir: Hugging Face folder of the policy written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
-        on_nonfinite: On a NaN/inf loss, score or gradient norm (any rank): ``skip`` the optimizer step and count it in
-            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     frozen_modules = ("reference", "reward_model")
@@ -170,10 +158,10 @@ class PPOModule(RLHFModule):
         seed: int = 0,
         log_samples_every_n: int = 10,
         num_logged_samples: int = 4,
+        lr: float = 1e-6,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("lr", 1e-6)
-        super().__init__(**kwargs)
+        super().__init__(lr=lr, **kwargs)
         if (reward_model_name_or_path is None) == (reward_fn is None):
             raise ValueError("PPO needs exactly one reward source: set model.reward_model_name_or_path OR model.reward_fn")
         if critic not in ("separate", "shared"):

@@ -31,20 +31,7 @@ class RewardModelModule(RLHFModule):
         center_coef: Weight of the score-centering penalty ``(r_w + r_l)^2``.
         lm_coef: Weight of the LM loss on the chosen response (needs a backbone whose input embeddings are tied to
             its output layer, so the LM head is available).
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        warmup_steps: Linear warm-up optimizer steps.
-        lr_schedule: ``constant``, ``linear`` or ``cosine``.
-        max_grad_norm: Gradient clipping norm; ``null`` disables.
         micro_batch_size: Pairs per micro-batch (gradient accumulation inside a step).
-        dtype: Parameter dtype.
-        gradient_checkpointing: Recompute activations to save memory.
-        trust_remote_code: Allow repository code (off by default).
-        attn_implementation: Attention kernel; ``null`` = transformers' choice.
-        export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
-        on_nonfinite: On a NaN/inf loss or gradient norm (any rank): ``skip`` the update and count it in
-            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     def __init__(self, center_coef: float = 0.0, lm_coef: float = 0.0, **kwargs: Any) -> None:

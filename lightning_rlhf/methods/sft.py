@@ -22,20 +22,7 @@ class SFTModule(RLHFModule):
 
     Args:
         model_name_or_path: Model to fine-tune: hub id, local folder, or ``builtin:tiny-llama``.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        warmup_steps: Linear warm-up optimizer steps.
-        lr_schedule: ``constant``, ``linear`` or ``cosine``.
-        max_grad_norm: Gradient clipping norm; ``null`` disables.
         micro_batch_size: Sequences per micro-batch (gradient accumulation inside a step).
-        dtype: Parameter dtype.
-        gradient_checkpointing: Recompute activations to save memory.
-        trust_remote_code: Allow repository code (off by default).
-        attn_implementation: Attention kernel; ``null`` = transformers' choice.
-        export_dir: Hugging Face folder written at the end of ``fit`` (``auto`` = ``<log dir>/export``).
-        on_nonfinite: On a NaN/inf loss or gradient norm (any rank): ``skip`` the update and count it in
-            ``train/nonfinite_steps``, or ``stop`` with an error.
     """
 
     def __init__(self, **kwargs: Any) -> None:
