@@ -11,13 +11,13 @@ keep Lightning's own handling.
 
 from __future__ import annotations
 
-import os
-import uuid
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightning_rlhf.atomic import atomic_write_path
 
 TMP_PREFIX = ".tmp-ckpt-"  # never starts with "last" nor ends in ".ckpt": checkpoint discovery ignores it
 
@@ -28,38 +28,10 @@ def _is_local(path: str) -> bool:
     return isinstance(get_filesystem(path), LocalFileSystem)
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    with atomic_write_path(path, prefix=TMP_PREFIX) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # a file object: torch.save(path) derives its archive name from the dot-file's name
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -20,10 +20,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from lightning_rlhf.atomic import atomic_write_path
 
 Aggregation = Literal["mean", "median", "max", "quantile"]
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "max", "quantile")
@@ -106,19 +107,6 @@ def _dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, allow_nan=False, ensure_ascii=False)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(str(directory), os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_baseline_file(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
     """Write records sorted by ``prompt_id`` to ``path`` atomically (temp file in the same folder, fsync, rename).
 
@@ -128,12 +116,9 @@ def write_baseline_file(path: str | os.PathLike, records: Iterable[Mapping[str, 
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted(records, key=lambda r: r["prompt_id"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
+    with atomic_write_path(path, prefix=f".{path.name}.tmp-") as tmp:
         if path.suffix == ".parquet":
-            os.close(fd)
             import pyarrow as pa
             import pyarrow.parquet as pq
 
@@ -142,28 +127,10 @@ def write_baseline_file(path: str | os.PathLike, records: Iterable[Mapping[str, 
             if any("quantile_q" in r for r in rows):
                 table = table.append_column("quantile_q", pa.array([r.get("quantile_q") for r in rows], pa.float64()))
             pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
         else:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                for r in rows:
-                    f.write(_dumps(r) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.writelines(_dumps(r) + "\n" for r in rows)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _is_number(value: Any) -> bool:
