@@ -24,6 +24,16 @@ def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(path)
 
 
+@pytest.fixture()
+def single_thread():
+    """One intra-op thread for generation-heavy tests: on a busy 2-core machine, 2 spinning OpenMP threads made
+    them ~15x slower. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from lightning_rlhf.models.factory import load_tokenizer

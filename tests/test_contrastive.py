@@ -37,13 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOKEN_REWARD = {"class_path": "lightning_rlhf.rewards.TokenCountReward", "init_args": {"token": "e"}}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 spinning OpenMP threads made these runs ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _sampler(output: Path, **overrides: Any) -> BaselineSamplerModule:

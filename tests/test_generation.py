@@ -10,13 +10,7 @@ from lightning_rlhf.rollout.generation import GenerationOutput, Generator, HFGen
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 spinning OpenMP threads made these runs ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
