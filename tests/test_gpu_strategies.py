@@ -148,6 +148,14 @@ GPU_STRATEGIES = [
 ]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("strategy", GPU_STRATEGIES)
@@ -169,7 +177,8 @@ def test_method_trains_in_bf16_and_exports_full_weights(method, strategy, tmp_pa
     ]
     if method == "ppo":
         cmd += ["--model.max_iterations=2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MASTER_PORT": str(_free_port())}  # tests may run in parallel (pytest -n)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
