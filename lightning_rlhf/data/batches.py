@@ -35,6 +35,15 @@ def pad_sequences(
     return out
 
 
+def occupied_columns(attention_mask: torch.Tensor) -> slice:
+    """The column range that holds every row's real tokens: padding columns shared by all rows (on the right or the
+    left) fall outside it. ``(B, T)`` mask in; a ``slice`` of ``[0, T)`` out (the whole range for an all-pad mask)."""
+    cols = attention_mask.any(0).nonzero()
+    if cols.numel() == 0:
+        return slice(0, attention_mask.shape[1])
+    return slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 @dataclass
 class TokenBatch:
     """Prompt + response sequences for SFT / demonstrations."""
@@ -50,12 +59,13 @@ class TokenBatch:
         return self.input_ids.shape[0]
 
     def slice(self, start: int, stop: int) -> "TokenBatch":
-        """Rows ``start:stop`` (a micro-batch)."""
+        """Rows ``start:stop`` (a micro-batch), without the padding columns that all of its rows share."""
         opt = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        cols = occupied_columns(self.attention_mask[start:stop])
         return TokenBatch(
-            self.input_ids[start:stop],
-            self.attention_mask[start:stop],
-            self.loss_mask[start:stop],
+            self.input_ids[start:stop, cols],
+            self.attention_mask[start:stop, cols],
+            self.loss_mask[start:stop, cols],
             self.domain_ids[start:stop],
             opt(self.prompt_input_ids),
             opt(self.prompt_attention_mask),
@@ -81,13 +91,16 @@ class PreferenceBatch:
         return self.num_pairs
 
     def slice(self, start: int, stop: int) -> "PreferenceBatch":
-        """Pairs ``start:stop`` (a micro-batch), chosen and rejected rows kept together."""
+        """Pairs ``start:stop`` (a micro-batch), chosen and rejected rows kept together, without the padding columns
+        that all of its rows share."""
         B = self.num_pairs
         rows = torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)]).to(self.input_ids.device)
+        mask = self.attention_mask[rows]
+        cols = occupied_columns(mask)
         return PreferenceBatch(
-            self.input_ids[rows],
-            self.attention_mask[rows],
-            self.loss_mask[rows],
+            self.input_ids[rows][:, cols],
+            mask[:, cols],
+            self.loss_mask[rows][:, cols],
             self.domain_ids[start:stop],
             None if self.ref_logps is None else self.ref_logps[rows],
             None if self.index is None else self.index[start:stop],

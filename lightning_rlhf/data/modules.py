@@ -74,6 +74,8 @@ class _TextDataModule(L.LightningDataModule):
         skip_invalid_rows: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        length_bucketing: bool = False,
+        bucket_window: int = 32,
     ) -> None:
         super().__init__()
         if max_prompt_length >= max_length and self.kind != "prompts":
@@ -98,6 +100,10 @@ class _TextDataModule(L.LightningDataModule):
         self.skip_invalid_rows = skip_invalid_rows
         self.num_workers = num_workers
         self.seed = seed
+        if bucket_window < 1:
+            raise ValueError(f"data.bucket_window must be >= 1, got {bucket_window}")
+        self.length_bucketing = length_bucketing
+        self.bucket_window = bucket_window
         self.tokenizer: Any = None
         self.domain_names: list[str] = []
         self.train_dataset: Any = None
@@ -245,8 +251,10 @@ class _TextDataModule(L.LightningDataModule):
         the number of ranks), and a run resumed from a mid-epoch checkpoint continues where it stopped."""
         world, rank = self._world()
         # drop the incomplete last global batch (as drop_last does on one process): equal epochs on any number of ranks
+        lengths = self.train_dataset["length"] if self.length_bucketing else None  # padded tokens per example
         sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
-                                   global_batch_size=self.batch_size * world)
+                                   global_batch_size=self.batch_size * world, lengths=lengths,
+                                   bucket_window=self.bucket_window)
         if self._sampler_state_to_load is not None:
             sampler.load_state_dict(self._sampler_state_to_load)
             self._sampler_state_to_load = None
@@ -355,6 +363,9 @@ class PreferenceDataModule(_TextDataModule):
         skip_invalid_rows: Skip and count bad rows instead of raising.
         num_workers: DataLoader workers.
         seed: Seed for shuffling and subsets.
+        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
+            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
+        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
         padding_side: Pad sequences on the ``right`` (default) or ``left``.
     """
 
@@ -385,6 +396,7 @@ class PreferenceDataModule(_TextDataModule):
                 seqs.append(p + r)
                 plens.append(len(p))
             out[f"{key}_ids"], out[f"{key}_prompt_len"] = seqs, plens
+        out["length"] = [max(len(c), len(r)) for c, r in zip(out["chosen_ids"], out["rejected_ids"])]
         return out
 
     def collate(self, items: list[dict[str, Any]]) -> PreferenceBatch:
@@ -424,6 +436,9 @@ class DemonstrationDataModule(_TextDataModule):
         skip_invalid_rows: Skip and count bad rows instead of raising.
         num_workers: DataLoader workers.
         seed: Seed for shuffling and subsets.
+        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
+            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
+        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
         padding_side: Pad sequences on the ``right`` (default) or ``left``.
     """
 
@@ -444,7 +459,8 @@ class DemonstrationDataModule(_TextDataModule):
             p, r = truncate_pair(p, r, encoder.max_length)
             seqs.append(p + r)
             plens.append(len(p))
-        return {"prompt_len": [len(p) for p in prompts], "input_ids": seqs, "seq_prompt_len": plens, "prompt_ids": prompts}
+        return {"prompt_len": [len(p) for p in prompts], "input_ids": seqs, "seq_prompt_len": plens, "prompt_ids": prompts,
+                "length": [len(x) for x in seqs]}
 
     def collate(self, items: list[dict[str, Any]]) -> TokenBatch:
         pad = self.tokenizer.pad_token_id
@@ -485,6 +501,9 @@ class PromptDataModule(_TextDataModule):
         skip_invalid_rows: Skip and count bad rows instead of raising.
         num_workers: DataLoader workers.
         seed: Seed for shuffling and subsets.
+        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
+            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
+        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
     """
 
     kind = "prompts"
@@ -494,7 +513,7 @@ class PromptDataModule(_TextDataModule):
 
     def encode(self, rows: dict[str, list], encoder: _Encoder) -> dict[str, list]:
         prompts = encoder.prompts(rows["prompt"])
-        return {"prompt_len": [len(p) for p in prompts], "input_ids": prompts}
+        return {"prompt_len": [len(p) for p in prompts], "input_ids": prompts, "length": [len(p) for p in prompts]}
 
     def collate(self, items: list[dict[str, Any]]) -> PromptBatch:
         prompts = [it["input_ids"] for it in items]

@@ -15,6 +15,13 @@ pure function of ``(seed, epoch)`` and skips what the interrupted run already co
   (:meth:`ResumableSampler.state_dict`), and after :meth:`ResumableSampler.load_state_dict` the next pass over that
   same epoch starts right after them.
 
+With ``lengths`` (length bucketing), the epoch's order is still a pure function of ``(seed, epoch)``: the random
+permutation is cut into windows of ``bucket_window`` global batches, each window is sorted by length (longest first),
+cut into global batches, and the global batches of the whole epoch are shuffled. A batch then holds examples of
+similar length, so padding (which the collate function adds up to the batch's longest example) costs little, while
+every example is still seen once per epoch and the batch order stays random. Since the unit is a global batch, the
+equivalence of one process and ``R`` ranks above holds unchanged.
+
 It subclasses ``DistributedSampler`` so that Lightning uses it as it is under DDP instead of wrapping it.
 """
 
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 import torch
@@ -43,6 +50,10 @@ class ResumableSampler(DistributedSampler):
         drop_last: Drop the tail that does not divide evenly across ranks instead of padding it.
         global_batch_size: Drop the tail of every epoch's order that does not fill a whole batch of this many
             samples over all ranks (per-rank batch size x ranks); ``None`` keeps every sample.
+        lengths: Length of every example (e.g. padded tokens it needs); given, batches group similar lengths
+            (length bucketing, see the module docstring). Needs ``global_batch_size``.
+        bucket_window: Global batches per window that is sorted by length: larger windows pad less but make the
+            batches' composition less random.
     """
 
     def __init__(
@@ -54,9 +65,19 @@ class ResumableSampler(DistributedSampler):
         seed: int = 0,
         drop_last: bool = False,
         global_batch_size: int | None = None,
+        lengths: Sequence[int] | None = None,
+        bucket_window: int = 32,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         n = len(dataset)
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for a dataset of {n} examples")
+        if bucket_window < 1:
+            raise ValueError(f"bucket_window must be >= 1, got {bucket_window}")
+        if lengths is not None and not global_batch_size:
+            raise ValueError("length bucketing needs global_batch_size (the unit that is grouped by length)")
+        self.lengths = None if lengths is None else [int(x) for x in lengths]
+        self.bucket_window = bucket_window
         self.global_batch_size = global_batch_size if global_batch_size and n >= global_batch_size else None
         if self.global_batch_size is not None:
             if self.global_batch_size % num_replicas:
@@ -70,10 +91,29 @@ class ResumableSampler(DistributedSampler):
         """The epoch's order over all ranks (``len(dataset)`` indices, before padding)."""
         n = len(self.dataset)
         if not self.shuffle:
-            return list(range(n))
+            order = list(range(n))
+            return order if self.lengths is None else self._bucketed(order, None)
         g = torch.Generator()
         g.manual_seed(self.seed + (self.epoch if epoch is None else epoch))
-        return torch.randperm(n, generator=g).tolist()
+        order = torch.randperm(n, generator=g).tolist()
+        return order if self.lengths is None else self._bucketed(order, g)
+
+    def _bucketed(self, order: list[int], g: torch.Generator | None) -> list[int]:
+        """``order`` regrouped into global batches of similar length, whole batches shuffled (unless ``g`` is None).
+        The examples that do not fill a last global batch are taken from the random order (so which ones are dropped
+        does not depend on length) and stay at the end, where ``global_batch_size`` drops them."""
+        assert self.lengths is not None
+        G = self.global_batch_size or len(order)
+        full = len(order) // G * G
+        head, tail = order[:full], order[full:]
+        window = G * self.bucket_window
+        regrouped: list[int] = []
+        for start in range(0, full, window):  # windows hold whole global batches (window and full are multiples of G)
+            regrouped += sorted(head[start : start + window], key=lambda i: -self.lengths[i])  # stable
+        batches = [regrouped[i : i + G] for i in range(0, full, G)]
+        if g is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return [i for b in batches for i in b] + tail
 
     def __iter__(self) -> Iterator[int]:
         order = self.global_order()
@@ -102,14 +142,16 @@ class ResumableSampler(DistributedSampler):
             "seed": int(self.seed),
             "shuffle": bool(self.shuffle),
             "dataset_len": len(self.dataset),
+            "bucketed": self.lengths is not None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next pass over ``state["epoch"]`` start after ``state["consumed"]`` samples of its order."""
         mismatch = {
             k: (state.get(k), v)
-            for k, v in (("seed", self.seed), ("shuffle", self.shuffle), ("dataset_len", len(self.dataset)))
-            if state.get(k) != v
+            for k, v in (("seed", self.seed), ("shuffle", self.shuffle), ("dataset_len", len(self.dataset)),
+                         ("bucketed", self.lengths is not None))
+            if state.get(k, False if k == "bucketed" else None) != v
         }
         if mismatch:
             log.warning(
