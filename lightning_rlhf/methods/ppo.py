@@ -511,6 +511,7 @@ class PPOModule(RLHFModule):
 
             dm = DemonstrationDataModule(**self.ptx_data)
             dm.set_tokenizer(self.tokenizer)
+            dm.trainer = self._trainer  # each rank draws its own share of every global batch (as for the prompts)
             dm.setup("fit")
             loader = dm.train_dataloader()
 
@@ -562,7 +563,8 @@ class PPOModule(RLHFModule):
                         ptx = self._next_ptx_batch()
                         nll_sum, nll_n = masked_nll_sum(self.lm_forward(self.policy, ptx.input_ids, ptx.attention_mask),
                                                         ptx.input_ids, ptx.loss_mask)
-                        ptx_loss = nll_sum / nll_n.clamp_min(1)
+                        # token mean over ALL ranks' ptx tokens (DDP averages the gradients of per-rank terms)
+                        ptx_loss = nll_sum / self.mean_over_ranks(nll_n).clamp_min(1)
                         loss = loss + self.ptx_coef * ptx_loss
                         sums["ptx"] += ptx_loss.detach().double()
                     self.backward_micro(loss, sync=i == len(micros) - 1)
