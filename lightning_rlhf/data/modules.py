@@ -49,7 +49,35 @@ def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tu
 
 
 class _TextDataModule(L.LightningDataModule):
-    """Shared machinery of the data modules (reading, validation, tokenization, splits, loaders)."""
+    """Shared machinery of the data modules (reading, validation, tokenization, splits, loaders).
+
+    Args:
+        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
+            ``builtin:hh-rlhf`` (a small MIT-licensed Anthropic HH-RLHF subset shipped with the package: pairs,
+            prompts with the preferred reply as demonstrations, or prompts).
+        val_path: Validation file(s); default: the built-in test split, or ``val_fraction`` of the training prompts.
+        val_fraction: Share of training prompts held out (split by prompt hash) when no ``val_path`` is given.
+        hub_split: Split to load for hub dataset names.
+        prompt_column: Column holding the prompt.
+        domain_column: Optional column with a domain label carried into batches (per-domain metrics); ``null`` to
+            ignore.
+        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
+        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
+        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
+        max_length: Maximum tokens of prompt + response (the prompt is left-truncated first); for prompt data only
+            an upper bound.
+        max_prompt_length: Prompts with more tokens are invalid rows.
+        batch_size: Examples (pairs, sequences or prompts) per training batch, per rank.
+        val_batch_size: Examples per validation batch; default: ``batch_size``.
+        max_train_rows: Use at most this many training rows (a seeded random subset of the valid rows).
+        max_val_rows: Use at most this many validation rows.
+        skip_invalid_rows: Skip and count bad rows instead of raising.
+        num_workers: DataLoader workers.
+        seed: Seed for shuffling and subsets.
+        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
+            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
+        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
+    """
 
     kind: str = ""  # preferences | demonstrations | prompts
     text_fields: tuple[str, ...] = ()
@@ -341,31 +369,11 @@ def _pairs_to_tensors(prompt_lens: list[int], seqs: list[list[int]], pad_id: int
 class PreferenceDataModule(_TextDataModule):
     """Preference pairs ``(prompt, chosen, rejected)`` for reward models and DPO-style methods.
 
+    The shared arguments (files, columns, lengths, batch sizes, bucketing) are listed by ``--data.help``.
+
     Args:
-        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
-            ``builtin:hh-rlhf`` (a small MIT-licensed Anthropic HH-RLHF subset shipped with the package).
-        val_path: Validation file(s); default: the built-in test split, or ``val_fraction`` of the training prompts.
-        val_fraction: Share of training prompts held out (split by prompt hash) when no ``val_path`` is given.
-        hub_split: Split to load for hub dataset names.
-        prompt_column: Column holding the prompt.
         chosen_column: Column holding the preferred response.
         rejected_column: Column holding the dispreferred response.
-        domain_column: Optional column with a domain label carried into batches (per-domain metrics); ``null`` to ignore.
-        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
-        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
-        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
-        max_length: Maximum tokens of prompt + response (the prompt is left-truncated first).
-        max_prompt_length: Prompts with more tokens are invalid rows.
-        batch_size: Pairs per training batch (per rank).
-        val_batch_size: Pairs per validation batch; default: ``batch_size``.
-        max_train_rows: Use at most this many training rows (a seeded random subset).
-        max_val_rows: Use at most this many validation rows.
-        skip_invalid_rows: Skip and count bad rows instead of raising.
-        num_workers: DataLoader workers.
-        seed: Seed for shuffling and subsets.
-        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
-            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
-        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
         padding_side: Pad sequences on the ``right`` (default) or ``left``.
     """
 
@@ -415,30 +423,10 @@ class PreferenceDataModule(_TextDataModule):
 class DemonstrationDataModule(_TextDataModule):
     """Demonstrations ``(prompt, response)`` for SFT and demonstration-based methods.
 
+    The shared arguments (files, columns, lengths, batch sizes, bucketing) are listed by ``--data.help``.
+
     Args:
-        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
-            ``builtin:hh-rlhf`` (prompts with the preferred HH-RLHF reply as the demonstration).
-        val_path: Validation file(s); default: the built-in test split, or ``val_fraction`` of the training prompts.
-        val_fraction: Share of training prompts held out (split by prompt hash) when no ``val_path`` is given.
-        hub_split: Split to load for hub dataset names.
-        prompt_column: Column holding the prompt.
         response_column: Column holding the demonstrated response.
-        domain_column: Optional column with a domain label carried into batches; ``null`` to ignore.
-        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
-        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
-        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
-        max_length: Maximum tokens of prompt + response (the prompt is left-truncated first).
-        max_prompt_length: Prompts with more tokens are invalid rows.
-        batch_size: Sequences per training batch (per rank).
-        val_batch_size: Sequences per validation batch; default: ``batch_size``.
-        max_train_rows: Use at most this many training rows (a seeded random subset).
-        max_val_rows: Use at most this many validation rows.
-        skip_invalid_rows: Skip and count bad rows instead of raising.
-        num_workers: DataLoader workers.
-        seed: Seed for shuffling and subsets.
-        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
-            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
-        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
         padding_side: Pad sequences on the ``right`` (default) or ``left``.
     """
 
@@ -481,29 +469,7 @@ class DemonstrationDataModule(_TextDataModule):
 class PromptDataModule(_TextDataModule):
     """Prompts for online RL (PPO and the methods built on it). Batches are left-padded for generation.
 
-    Args:
-        train_path: Local file(s) or glob (json, jsonl, parquet, csv, optionally ``.gz``), a hub dataset name, or
-            ``builtin:hh-rlhf`` (HH-RLHF prompts).
-        val_path: Validation prompts; default: the built-in test split, or ``val_fraction`` of the training prompts.
-        val_fraction: Share of training prompts held out when no ``val_path`` is given.
-        hub_split: Split to load for hub dataset names.
-        prompt_column: Column holding the prompt.
-        domain_column: Optional column with a domain label carried into rollouts; ``null`` to ignore.
-        domains: Keep only rows whose domain matches one of these glob patterns (e.g. ``["hh_*"]``); ``null`` keeps all.
-        tokenizer_name_or_path: Tokenizer to use; default: the training module's.
-        apply_chat_template: Wrap prompts in the tokenizer's chat template; default: when it has one.
-        max_length: Unused for prompts except as an upper bound (kept for a uniform interface).
-        max_prompt_length: Prompts with more tokens are invalid rows.
-        batch_size: Prompts per rollout batch (per rank).
-        val_batch_size: Prompts per validation batch; default: ``batch_size``.
-        max_train_rows: Use at most this many training prompts (a seeded random subset).
-        max_val_rows: Use at most this many validation prompts.
-        skip_invalid_rows: Skip and count bad rows instead of raising.
-        num_workers: DataLoader workers.
-        seed: Seed for shuffling and subsets.
-        length_bucketing: Group training batches by length (random windows of ``bucket_window`` batches sorted by
-            length, then the batches shuffled): far less padding on variable-length text, same examples per epoch.
-        bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
+    The shared arguments (files, columns, lengths, batch sizes, bucketing) are listed by ``--data.help``.
     """
 
     kind = "prompts"

@@ -75,10 +75,17 @@ class RLHFModule(L.LightningModule):
         on_nonfinite: What to do when the loss or the gradient norm is NaN/inf on any rank: ``skip`` (drop the
             gradients, leave parameters and optimizer state unchanged, count it in ``train/nonfinite_steps``) or
             ``stop`` (raise an error naming the step).
+        lora_r: Rank of LoRA adapters on the trained language model (needs ``pip install peft``); 0 trains all
+            weights. With adapters only they train, and the export saves the merged model plus ``export/adapter``.
+        lora_alpha: LoRA scaling numerator (updates are scaled by ``lora_alpha / lora_r``).
+        lora_dropout: Dropout on the adapters' input.
+        lora_target_modules: Layers that get adapters: module names (e.g. ``[q_proj, v_proj]``) or ``all-linear``.
     """
 
     #: attribute names of frozen sub-models that stay out of checkpoints and are rebuilt from their paths
     frozen_modules: tuple[str, ...] = ()
+    #: attribute names of the causal LMs that get LoRA adapters when ``lora_r > 0`` (empty: LoRA not supported)
+    lora_targets: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -96,6 +103,10 @@ class RLHFModule(L.LightningModule):
         attn_implementation: str | None = None,
         export_dir: str | None = "auto",
         on_nonfinite: NonFinitePolicy = "skip",
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -104,6 +115,10 @@ class RLHFModule(L.LightningModule):
             raise ValueError(f"model.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"model.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+        if lora_r < 0:
+            raise ValueError(f"model.lora_r must be >= 0 (0 = no adapters), got {lora_r}")
+        if lora_r > 0 and not self.lora_targets:
+            raise ValueError(f"model.lora_r: {type(self).__name__} does not support LoRA adapters; set model.lora_r: 0.")
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are not in checkpoints
         self.model_name_or_path = model_name_or_path
@@ -120,6 +135,10 @@ class RLHFModule(L.LightningModule):
         self.attn_implementation = attn_implementation
         self.export_dir = export_dir
         self.on_nonfinite = on_nonfinite
+        self.lora_r = lora_r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_target_modules = lora_target_modules
         self.iteration = 0
         self.nonfinite_steps = 0  # optimizer steps skipped because of NaN/inf (saved in checkpoints)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -132,6 +151,12 @@ class RLHFModule(L.LightningModule):
         if self._models_built:
             return
         self.build_models()
+        if self.lora_r > 0:
+            from lightning_rlhf.models.lora import apply_lora
+
+            for name in self.lora_targets:
+                setattr(self, name, apply_lora(getattr(self, name), self.lora_r, self.lora_alpha, self.lora_dropout,
+                                               self.lora_target_modules))
         self._models_built = True
         # ZeRO-3 partitions parameters while they are built: its ``ds_shape`` keeps the full shape
         self._param_ndims = {n: len(getattr(p, "ds_shape", p.shape)) for n, p in self.named_parameters()}
@@ -288,6 +313,11 @@ class RLHFModule(L.LightningModule):
         generator = getattr(self, "generator", None)
         if sharded and getattr(generator, "synced_gpus", None) is False:
             generator.synced_gpus = True  # ranks whose responses end early keep joining the other ranks' gathers
+        if self.lora_r > 0 and sharded:
+            raise ValueError(
+                "model.lora_r > 0 (LoRA adapters) is not supported with sharded parameters (FSDP, DeepSpeed ZeRO-3) "
+                "yet; use strategy ddp or deepspeed_stage_2 (adapters are small: sharding them saves little)."
+            )
         if kind == "fsdp":
             kwargs = getattr(strategy, "kwargs", {}) or {}
             if self.frozen_modules and kwargs.get("use_orig_params") is False:
@@ -413,11 +443,17 @@ class RLHFModule(L.LightningModule):
             state_dict: Full weights of the exported model (keys as ``save_pretrained`` expects), when its
                 parameters are sharded (:meth:`gathered_export_state_dict`); ``None`` saves the parameters as they are.
         """
+        from lightning_rlhf.models.lora import is_peft_model, merged_copy
+
         Path(directory).mkdir(parents=True, exist_ok=True)
-        if state_dict is None:
-            self.export_model().save_pretrained(directory)
+        model = self.export_model()
+        if is_peft_model(model):  # LoRA: the adapter alone, and the merged model as a plain folder
+            model.save_pretrained(str(Path(directory) / "adapter"))
+            merged_copy(model).save_pretrained(directory)
+        elif state_dict is None:
+            model.save_pretrained(directory)
         else:
-            self.export_model().save_pretrained(directory, state_dict=state_dict)
+            model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         return directory
 

@@ -36,6 +36,7 @@ class DPOModule(RLHFModule):
     """
 
     frozen_modules = ("reference",)
+    lora_targets = ("policy",)
 
     def __init__(
         self,
@@ -83,7 +84,6 @@ class DPOModule(RLHFModule):
         """``(2B,)`` summed response log-probs under the reference (cached when precomputed)."""
         if split in self._ref_cache and batch.index is not None:
             cache = self._ref_cache[split]
-            B = batch.num_pairs
             idx = batch.index.to(cache.device)
             return torch.cat([cache[idx, 0], cache[idx, 1]]).to(self.device)
         with torch.no_grad():

@@ -123,6 +123,7 @@ class PPOModule(RLHFModule):
     """
 
     frozen_modules = ("reference", "reward_model")
+    lora_targets = ("policy",)
 
     def __init__(
         self,

@@ -30,6 +30,8 @@ class SFTModule(RLHFModule):
         self.save_hyperparameters()
         self.val_perplexity = Perplexity(ignore_index=-100)
 
+    lora_targets = ("policy",)
+
     def build_models(self) -> None:
         self.policy = load_causal_lm(
             self.model_name_or_path,
