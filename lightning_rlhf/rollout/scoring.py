@@ -6,7 +6,45 @@ Token alignment used everywhere in the package: the logits at position ``t-1`` s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+
+#: elements of one float32 chunk in :func:`token_logprobs` (64M floats = 256 MiB)
+CHUNK_ELEMENTS = 1 << 26
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """``log_softmax(logits)[labels]`` in float32, computed over row chunks.
+
+    Saves only the logits (in their own dtype, e.g. bf16) and a ``(B, T)`` logsumexp for the backward pass, instead of
+    a full float32 ``log_softmax`` output; the backward pass recomputes the softmax chunk by chunk:
+    ``d/dx_j (x_y - lse(x)) = 1[j = y] - softmax(x)_j``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        B, T, V = logits.shape
+        rows = max(1, CHUNK_ELEMENTS // max(1, T * V))
+        out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+        for s in range(0, B, rows):
+            x = logits[s : s + rows].float()
+            lse[s : s + rows] = torch.logsumexp(x, dim=-1)
+            out[s : s + rows] = x.gather(-1, labels[s : s + rows].unsqueeze(-1)).squeeze(-1) - lse[s : s + rows]
+        ctx.save_for_backward(logits, labels, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        B, T, V = logits.shape
+        rows = max(1, CHUNK_ELEMENTS // max(1, T * V))
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for s in range(0, B, rows):
+            g_out = grad_out[s : s + rows].float().unsqueeze(-1)  # (b, T, 1)
+            g = torch.exp(logits[s : s + rows].float() - lse[s : s + rows].unsqueeze(-1)).mul_(-g_out)
+            g.scatter_add_(-1, labels[s : s + rows].unsqueeze(-1), g_out)
+            grad[s : s + rows] = g
+        return grad, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -17,10 +55,18 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels: ``(B, T)`` token ids.
 
     Returns:
-        ``(B, T)`` float32 log-probabilities. Computed with ``log_softmax`` in float32 for stability.
+        ``(B, T)`` float32 log-probabilities, computed in float32 over row chunks; with gradients, only the logits
+        and a ``(B, T)`` logsumexp are kept for the backward pass (no float32 copy of the ``(B, T, V)`` softmax).
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TokenLogProbs.apply(logits, labels)
+    B, T, V = logits.shape
+    rows = max(1, CHUNK_ELEMENTS // max(1, T * V))
+    out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+    for s in range(0, B, rows):
+        x = logits[s : s + rows].float()
+        out[s : s + rows] = x.gather(-1, labels[s : s + rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return out
 
 
 def shifted_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
