@@ -118,7 +118,8 @@ class AdaptiveKLController(Callback):
         if not math.isfinite(kl):
             return  # keep beta rather than poisoning it
         pl_module.kl_coef = self.update(kl, n)
-        pl_module.log("kl_coef", self.kl_coef, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        # the coefficient for the NEXT rollout (a module logs the one it used as its own "kl_coef")
+        pl_module.log("kl_ctl/next_kl_coef", self.kl_coef, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         pl_module.log("kl_ctl/error", self.last_error, on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def test_fit_moves_beta_and_resume_continues_from_saved_beta(tmp_path):
         beta = _expected(beta, schedule[k], N_SEQ)
     assert module.coefs_seen == pytest.approx(expected_seen, rel=1e-12)
     assert module.kl_coef == pytest.approx(beta, rel=1e-12) and ctl.kl_coef == module.kl_coef
-    assert float(trainer.callback_metrics["kl_coef"]) == pytest.approx(beta, rel=1e-6)
+    assert float(trainer.callback_metrics["kl_ctl/next_kl_coef"]) == pytest.approx(beta, rel=1e-6)
     ckpt = tmp_path / "kl.ckpt"
     trainer.save_checkpoint(ckpt)
     saved_beta = beta

@@ -324,7 +324,7 @@ class PPOModule(RLHFModule):
 
     def _global_sums(self, values: list[torch.Tensor]) -> list[float]:
         """Sum a list of scalar tensors across ranks in one all-reduce."""
-        t = torch.stack([v.detach().double().reshape(()) for v in values])
+        t = torch.stack([v.detach().to(self.device, torch.float64).reshape(()) for v in values])  # mixed devices in
         fn = self.reduce_fn()
         if fn is not None:
             t = fn(t)
@@ -628,15 +628,16 @@ class PPOModule(RLHFModule):
         lengths = mask.sum(-1)  # (B,)
         kl_rows = exp.kl.sum(-1)  # (B,)
         stopped = exp.extras["stopped_by_eos"].float()
-        (n, s_sum, s_sq, sh_sum, kl_sum, kl_tok, n_tok, no_eos, len_sum, coef_sum) = self._global_sums([
-            torch.tensor(float(len(exp))), exp.scores.sum(), (exp.scores.double() ** 2).sum(), exp.shaped_scores.sum(),
-            kl_rows.sum(), exp.kl.sum(), mask.sum(), (1 - stopped).sum(), lengths.sum(), exp.kl_coef.sum(),
-        ])
+        score_tokens = float(exp.attention_mask.sum()) * 3  # policy, reference, critic passes
+        (n, s_sum, s_sq, sh_sum, kl_sum, kl_tok, n_tok, no_eos, len_sum, coef_sum, all_score_tok, all_upd_tok) = \
+            self._global_sums([
+                torch.tensor(float(len(exp))), exp.scores.sum(), (exp.scores.double() ** 2).sum(),
+                exp.shaped_scores.sum(), kl_rows.sum(), exp.kl.sum(), mask.sum(), (1 - stopped).sum(), lengths.sum(),
+                exp.kl_coef.sum(), torch.tensor(score_tokens), torch.tensor(float(upd["_tokens_processed"])),
+            ])
         n_tok = max(n_tok, 1.0)
         mean = s_sum / n
         timing = exp.extras.get("_timing", {})
-        gen_tokens = float(mask.sum())
-        score_tokens = float(exp.attention_mask.sum()) * 3  # policy, reference, critic passes
         stats = {
             "iteration": float(self.iteration),
             "score/mean": mean,
@@ -652,9 +653,10 @@ class PPOModule(RLHFModule):
             "time/generate": timing.get("generate", 0.0),
             "time/score": timing.get("score", 0.0),
             "time/update": t_update,
-            "tokens_per_s/generate": gen_tokens / max(timing.get("generate", 0.0), 1e-9),
-            "tokens_per_s/score": score_tokens / max(timing.get("score", 0.0), 1e-9),
-            "tokens_per_s/update": upd["_tokens_processed"] / max(t_update, 1e-9),
+            # tokens of all ranks per second of this rank's phase time (the ranks run the phases in step)
+            "tokens_per_s/generate": n_tok / max(timing.get("generate", 0.0), 1e-9),
+            "tokens_per_s/score": all_score_tok / max(timing.get("score", 0.0), 1e-9),
+            "tokens_per_s/update": all_upd_tok / max(t_update, 1e-9),
             "lr": self.current_lr(),
             "_num_sequences": n,
         }
