@@ -3,11 +3,12 @@
 Works with any LightningModule (no protocol needed). Each training step's wall time is measured from
 ``on_train_batch_start`` to ``on_train_batch_end`` (after a device synchronisation, so queued GPU work is counted);
 the first ``warmup_steps`` steps are left out of the median. Peak memory is the CUDA allocator's peak on a GPU
-(``torch.cuda.max_memory_allocated``, the largest over ranks) and the process's peak resident set size on CPU.
+(``torch.cuda.max_memory_allocated``, the largest over ranks) and the process's peak resident set size on CPU
+(``VmHWM``).
 
 The logged metrics are read after the first step and at the end. At the end of ``fit`` rank 0 prints one line
-starting with ``run_summary`` and, when ``path`` is set, writes the same record as JSON (atomically). The step time and peak memory are also logged every step as ``perf/step_time_s`` and
-``perf/peak_mem_gib``.
+starting with ``run_summary`` and, when ``path`` is set, writes the same record as JSON (atomically). The step time
+and peak memory are also logged every step as ``perf/step_time_s`` and ``perf/peak_mem_gib``.
 
 Imports only lightning, torch and the standard library.
 """
@@ -26,9 +27,18 @@ import torch
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process in GiB: CUDA allocator peak on ``device`` if it is a GPU, else peak RSS."""
+    """Peak memory of this process in GiB: the CUDA allocator's peak on ``device`` if it is a GPU, else the peak
+    resident set size (``VmHWM`` on Linux; ``ru_maxrss`` elsewhere, which on Linux would also count a parent's peak
+    from before ``exec``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     try:
         import resource
 

@@ -379,20 +379,28 @@ class RLHFModule(L.LightningModule):
             grad_norm = torch.as_tensor(float("nan") if norm is None else float(norm), device=self.device)
             self._log_nonfinite()
             return grad_norm
+        # fp16 (a GradScaler): overflowing gradients are the scaler's to skip (it then lowers the scale), and the
+        # gradients must be unscaled (Lightning's clip_gradients) before clipping
+        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        clipped = False
         if kind == "fsdp":
             # gradients are sharded: the root module computes the global norm (and clips; inf = only measure)
             grad_norm = self.trainer.model.clip_grad_norm_(self.max_grad_norm or float("inf"))
+            clipped = True
         else:
             params = [p for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grad_norm = (
-                torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=self.device)
-            )
-        # fp16 (a GradScaler): overflowing gradients are the scaler's to skip (it then lowers the scale)
-        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+            if not params:
+                grad_norm = torch.zeros((), device=self.device)
+            elif self.max_grad_norm and not scaled:
+                # one pass: the pre-clip norm, and the gradients clipped in place (a non-finite norm is skipped below)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                clipped = True
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self._nonfinite_decision(loss, None if scaled else grad_norm, watch):
             self._handle_nonfinite(loss, grad_norm)  # raises when on_nonfinite == "stop"
             opt.zero_grad(set_to_none=True)  # a step without gradients leaves parameters and Adam state unchanged
-        elif self.max_grad_norm and kind != "fsdp":
+        elif self.max_grad_norm and not clipped:
             self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
