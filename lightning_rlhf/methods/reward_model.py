@@ -71,9 +71,7 @@ class RewardModelModule(RLHFModule):
         B = batch.num_pairs
         if self.lm_coef > 0:
             values, hidden = self.reward_model.token_values(batch.input_ids, batch.attention_mask, return_hidden=True)
-            from lightning_rlhf.rollout.scoring import last_token_index
-
-            scores = values.gather(1, last_token_index(batch.attention_mask)[:, None]).squeeze(1)
+            scores = self.reward_model.read_scores(values, batch.input_ids, batch.attention_mask)
             emb = self.reward_model.hf_model.get_input_embeddings().weight
             logits = hidden[:B] @ emb.T
             nll, n = masked_nll_sum(logits, batch.input_ids[:B], batch.loss_mask[:B])

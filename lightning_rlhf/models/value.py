@@ -2,8 +2,10 @@
 
 Both wrap a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels=1``. For decoder backbones
 (Llama, GPT-2, Qwen, ... which expose a per-token linear ``score`` head) the head is applied to every position
-and the sequence score is read at the last non-pad token found from the attention mask, so left and right padding
-give the same score and a sequence that ends with a token equal to the pad id is still read correctly. Loading a
+with padding-independent position ids, and the sequence score is read where transformers reads it (the last real
+token that is not the pad id, :func:`~lightning_rlhf.rollout.scoring.score_token_index`): left and right padding give
+the same score, and an exported reward model scores the same under plain transformers or TRL, also when the pad id
+equals the eos id. Loading a
 causal-LM checkpoint (e.g. an SFT export) this way gives "a causal LM with a linear value head": the trunk is
 reused and a fresh head is initialised. Encoder backbones with their own pooling (BERT-style ``classifier``)
 return their pooled logit.
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.models.factory import DType, resolve_pretrained, torch_dtype
-from lightning_rlhf.rollout.scoring import last_token_index, position_ids_from_attention_mask
+from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, score_token_index
 
 
 class ScalarHeadModel(nn.Module):
@@ -70,7 +72,7 @@ class ScalarHeadModel(nn.Module):
         return (values, hidden) if return_hidden else values
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sequence scores read at the last non-pad token.
+        """Sequence scores read at the last real token that is not the pad id (transformers' convention).
 
         Args:
             input_ids: ``(B, T)``, left or right padded.
@@ -81,8 +83,11 @@ class ScalarHeadModel(nn.Module):
         """
         if not self.per_token:
             return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-        values = self.token_values(input_ids, attention_mask)
-        idx = last_token_index(attention_mask)
+        return self.read_scores(self.token_values(input_ids, attention_mask), input_ids, attention_mask)
+
+    def read_scores(self, values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` sequence scores from per-token ``values`` ``(B, T)``, read at :func:`score_token_index`."""
+        idx = score_token_index(input_ids, attention_mask, getattr(self.config, "pad_token_id", None))
         return values.gather(1, idx[:, None]).squeeze(1)
 
     def save_pretrained(self, directory: str, **kwargs: Any) -> None:

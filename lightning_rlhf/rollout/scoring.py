@@ -123,3 +123,30 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     T = attention_mask.shape[-1]
     positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), positions, -1).max(-1).values.clamp(min=0)
+
+
+def score_token_index(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None
+) -> torch.Tensor:
+    """Where a sequence score is read: the last real token whose id is not the pad id.
+
+    This is the position transformers' ``*ForSequenceClassification`` models read, so a reward model trained here
+    scores the same when loaded with plain transformers or TRL, also when the pad id equals the eos id (a trailing
+    eos is then skipped, like padding). Rows with no such token fall back to their last real token.
+
+    Args:
+        input_ids: ``(B, T)`` token ids, left or right padded.
+        attention_mask: ``(B, T)`` 1 on real tokens.
+        pad_token_id: The model's pad id (``None``: read at the last real token).
+
+    Returns:
+        ``(B,)`` long positions.
+    """
+    last_real = last_token_index(attention_mask)
+    if pad_token_id is None:
+        return last_real
+    keep = attention_mask.bool() & (input_ids != pad_token_id)
+    T = input_ids.shape[-1]
+    positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    idx = torch.where(keep, positions, -1).max(-1).values
+    return torch.where(idx >= 0, idx, last_real)
