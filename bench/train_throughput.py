@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -82,24 +81,14 @@ Row = dict[str, list[int]]
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 def peak_memory_gib(device: str) -> float:
-    """Peak memory of this process in GiB: the CUDA allocator's peak on a GPU, else the peak resident set size.
+    """Peak memory of this process in GiB: ``callbacks.run_summary.peak_memory_gib`` (the CUDA allocator's peak on a
+    GPU, else ``VmHWM``, the peak resident set size, which unlike ``ru_maxrss`` does not count the parent's memory
+    image from before ``execve``)."""
+    import torch
 
-    The CPU figure is ``VmHWM`` of ``/proc/self/status`` (Linux), not ``getrusage().ru_maxrss``: on Linux the latter
-    keeps the high-water mark of the memory image replaced by ``execve``, so a worker started from this (larger) parent
-    process would report at least the parent's size. ``ru_maxrss`` is the fallback where ``/proc`` is missing.
-    """
-    if device == "cuda":
-        import torch
+    from callbacks.run_summary import peak_memory_gib as process_peak
 
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    return process_peak(torch.device(device))
 
 
 def resolved_model(name: str) -> str:

@@ -26,13 +26,14 @@ STEPS=${STEPS:-8}
 ITERS=${ITERS:-3}
 RUN_TIMEOUT=${RUN_TIMEOUT:-240}
 PYTEST=${PYTEST:-1}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # machines with only python3 (no `python`) work too
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LIGHTNING_RLHF_CACHE=${LIGHTNING_RLHF_CACHE:-$OUT/cache}
 say() { echo "$(date +%T) $*" | tee -a "$OUT/progress.txt"; }
 
 say "preflight"
-timeout 120 python - <<'EOF' || { say "preflight failed"; exit 1; }
+timeout 120 "$PY" - <<'EOF' || { say "preflight failed"; exit 1; }
 import importlib, torch, lightning, transformers
 print("torch", torch.__version__, "lightning", lightning.__version__, "transformers", transformers.__version__,
       "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
@@ -43,14 +44,14 @@ for name in ("deepspeed", "datasets", "jsonargparse"):
         print(name, "NOT IMPORTABLE:", e)
 EOF
 MODEL=$OUT/smollm2-135m-random
-timeout 180 python scripts/random_model.py --source "$SOURCE" --out "$MODEL" || { say "could not build the model"; exit 1; }
+timeout 180 "$PY" scripts/random_model.py --source "$SOURCE" --out "$MODEL" || { say "could not build the model"; exit 1; }
 say "model ready"
 
 summary_cb() { echo "{\"class_path\": \"callbacks.run_summary.RunSummary\", \"init_args\": {\"path\": \"$OUT/$1/summary.json\"}}"; }
 run() {  # name, port, then CLI arguments
   local name=$1 port=$2; shift 2
   say "start $name"
-  MASTER_PORT=$port timeout "$RUN_TIMEOUT" python cli.py fit "$@" --trainer.logger=false \
+  MASTER_PORT=$port timeout "$RUN_TIMEOUT" "$PY" cli.py fit "$@" --trainer.logger=false \
     --trainer.enable_progress_bar=false --trainer.enable_checkpointing=false --trainer.default_root_dir="$OUT/$name" \
     --model.init_args.export_dir="$OUT/$name/export" ${EXTRA:-} >"$OUT/$name.log" 2>&1
   say "end $name rc=$?"
@@ -79,11 +80,11 @@ done
 wait
 if [ "$PYTEST" = 1 ]; then
   say "start pytest -m gpu"
-  timeout 420 python -m pytest -m gpu tests/test_gpu_strategies.py -q -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
+  timeout 420 "$PY" -m pytest -m gpu tests/test_gpu_strategies.py -q -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
   say "end pytest rc=$?"
   tail -n 5 "$OUT/pytest_gpu.log"
 fi
-python - "$OUT" <<'EOF'
+"$PY" - "$OUT" <<'EOF'
 import json, pathlib, re, sys
 out = pathlib.Path(sys.argv[1])
 print(f"{'run':24} {'steps':>5} {'s/step':>7} {'peak GiB':>8}  first -> last")
