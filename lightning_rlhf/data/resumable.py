@@ -147,11 +147,12 @@ class ResumableSampler(DistributedSampler):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next pass over ``state["epoch"]`` start after ``state["consumed"]`` samples of its order."""
+        saved = {"bucketed": False, **state}  # checkpoints from before length bucketing existed were not bucketed
         mismatch = {
-            k: (state.get(k), v)
+            k: (saved.get(k), v)
             for k, v in (("seed", self.seed), ("shuffle", self.shuffle), ("dataset_len", len(self.dataset)),
                          ("bucketed", self.lengths is not None))
-            if state.get(k, False if k == "bucketed" else None) != v
+            if saved.get(k) != v
         }
         if mismatch:
             log.warning(

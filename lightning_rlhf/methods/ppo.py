@@ -324,7 +324,8 @@ class PPOModule(RLHFModule):
 
     def _global_sums(self, values: list[torch.Tensor]) -> list[float]:
         """Sum a list of scalar tensors across ranks in one all-reduce."""
-        t = torch.stack([v.detach().to(self.device, torch.float64).reshape(()) for v in values])  # mixed devices in
+        # CPU counts mix with device sums: stack them on the module's device
+        t = torch.stack([v.detach().to(self.device, torch.float64).reshape(()) for v in values])
         fn = self.reduce_fn()
         if fn is not None:
             t = fn(t)

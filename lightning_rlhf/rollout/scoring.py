@@ -12,6 +12,25 @@ import torch
 CHUNK_ELEMENTS = 1 << 26
 
 
+def _chunk_rows(logits: torch.Tensor) -> int:
+    """Rows of ``(B, T, V)`` logits per float32 chunk of about :data:`CHUNK_ELEMENTS` elements (at least one)."""
+    _, T, V = logits.shape
+    return max(1, CHUNK_ELEMENTS // max(1, T * V))
+
+
+def _chunked_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(labels), logsumexp(logits))``, both ``(B, T)`` float32, computed one float32 row chunk at a time."""
+    B, T, _ = logits.shape
+    rows = _chunk_rows(logits)
+    out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+    for s in range(0, B, rows):
+        x = logits[s : s + rows].float()
+        lse[s : s + rows] = torch.logsumexp(x, dim=-1)
+        out[s : s + rows] = x.gather(-1, labels[s : s + rows].unsqueeze(-1)).squeeze(-1) - lse[s : s + rows]
+    return out, lse
+
+
 class _TokenLogProbs(torch.autograd.Function):
     """``log_softmax(logits)[labels]`` in float32, computed over row chunks.
 
@@ -22,24 +41,16 @@ class _TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        B, T, V = logits.shape
-        rows = max(1, CHUNK_ELEMENTS // max(1, T * V))
-        out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)
-        for s in range(0, B, rows):
-            x = logits[s : s + rows].float()
-            lse[s : s + rows] = torch.logsumexp(x, dim=-1)
-            out[s : s + rows] = x.gather(-1, labels[s : s + rows].unsqueeze(-1)).squeeze(-1) - lse[s : s + rows]
+        out, lse = _chunked_logprobs(logits, labels)
         ctx.save_for_backward(logits, labels, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         logits, labels, lse = ctx.saved_tensors
-        B, T, V = logits.shape
-        rows = max(1, CHUNK_ELEMENTS // max(1, T * V))
+        rows = _chunk_rows(logits)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for s in range(0, B, rows):
+        for s in range(0, logits.shape[0], rows):
             g_out = grad_out[s : s + rows].float().unsqueeze(-1)  # (b, T, 1)
             g = torch.exp(logits[s : s + rows].float() - lse[s : s + rows].unsqueeze(-1)).mul_(-g_out)
             g.scatter_add_(-1, labels[s : s + rows].unsqueeze(-1), g_out)
@@ -60,13 +71,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TokenLogProbs.apply(logits, labels)
-    B, T, V = logits.shape
-    rows = max(1, CHUNK_ELEMENTS // max(1, T * V))
-    out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
-    for s in range(0, B, rows):
-        x = logits[s : s + rows].float()
-        out[s : s + rows] = x.gather(-1, labels[s : s + rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
-    return out
+    return _chunked_logprobs(logits, labels)[0]
 
 
 def shifted_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
