@@ -54,7 +54,9 @@ def test_only_adapters_train_and_the_merged_export_matches(tmp_path):
 
 @pytest.mark.parametrize("method", ["dpo", "ppo"])
 def test_adapters_from_the_cli(method, in_tmp, single_thread):
-    length = ["--model.init_args.max_iterations=2"] if method == "ppo" else ["--trainer.max_steps=2"]
+    # PPO here also runs the static-cache rollout engine on a peft-wrapped policy, reusing its log-probs
+    length = ["--model.init_args.max_iterations=2", "--model.init_args.rollout_engine=static",
+              "--model.init_args.reuse_rollout_logprobs=true"] if method == "ppo" else ["--trainer.max_steps=2"]
     cli = main(["fit", "-c", str(REPO / "configs" / method / "tiny.yaml"), "--model.init_args.lora_r=8",
                 "--trainer.limit_val_batches=0", *length])
     module = cli.model

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.models.factory import DType, load_tokenizer
+from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,11 @@ class RLHFModule(L.LightningModule):
         generator = getattr(self, "generator", None)
         if sharded and getattr(generator, "synced_gpus", None) is False:
             generator.synced_gpus = True  # ranks whose responses end early keep joining the other ranks' gathers
+        if sharded and isinstance(generator, StaticCacheGenerator):
+            raise ValueError(
+                "model.rollout_engine: static has not been verified with sharded parameters (FSDP, DeepSpeed ZeRO-3) "
+                "yet; use model.rollout_engine: hf there, or strategy ddp / deepspeed_stage_2."
+            )
         if self.lora_r > 0 and sharded:
             raise ValueError(
                 "model.lora_r > 0 (LoRA adapters) is not supported with sharded parameters (FSDP, DeepSpeed ZeRO-3) "

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
 from lightning_rlhf.rewards import RewardInput, RewardSource, build_reward_source
 from lightning_rlhf.rollout.experience import Experience
+from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
 from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, token_logprobs
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RewardNorm = Literal["none", "scale", "norm", "norm_clip"]
 CriticKind = Literal["separate", "shared"]
+RolloutEngine = Literal["hf", "static"]
 
 
 @dataclass
@@ -111,6 +113,15 @@ class PPOModule(RLHFModule):
         top_p: Nucleus sampling (1.0 = full distribution).
         top_k: Top-k sampling (0 = off).
         rollout_micro_batch_size: Rows per scoring forward pass during the rollout; default ``micro_batch_size``.
+        rollout_engine: ``hf`` (``model.generate``) or ``static`` (``lightning_rlhf.rollout.engine``: preallocated KV
+            cache, own decode loop without host syncs, rollout log-probs recorded; about 1.7x faster sampling than
+            ``hf`` on the tiny CPU model, not yet measured on a GPU).
+        rollout_compile: With ``rollout_engine: static``, compile the one-token decode step (``torch.compile``; CUDA
+            graphs on a GPU). Costs a compilation per batch shape.
+        reuse_rollout_logprobs: With ``rollout_engine: static`` and a ``separate`` critic, use the log-probs
+            recorded while sampling as the old log-probs instead of a second policy forward pass. They equal the
+            recomputed ones up to the rounding of the cached decode (about 1e-6 in fp32; larger in bf16, where the
+            first PPO epoch's ratio then starts slightly off 1).
         ptx_coef: Weight of the SFT (pretraining-mix) NLL term; needs ``ptx_data``.
         ptx_data: ``DemonstrationDataModule`` arguments (e.g. ``{train_path: builtin:hh-rlhf, batch_size: 4}``)
             for the ptx term; one batch per optimizer step.
@@ -153,6 +164,9 @@ class PPOModule(RLHFModule):
         top_p: float = 1.0,
         top_k: int = 0,
         rollout_micro_batch_size: Optional[int] = None,
+        rollout_engine: RolloutEngine = "hf",
+        rollout_compile: bool = False,
+        reuse_rollout_logprobs: bool = False,
         ptx_coef: float = 0.0,
         ptx_data: Optional[dict[str, Any]] = None,
         max_iterations: Optional[int] = None,
@@ -179,6 +193,10 @@ class PPOModule(RLHFModule):
             raise ValueError("model.ptx_coef > 0 needs model.ptx_data (DemonstrationDataModule arguments)")
         if critic_lr <= 0:
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
+        if rollout_engine not in ("hf", "static"):
+            raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
+        if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
+            raise ValueError("model.rollout_compile and model.reuse_rollout_logprobs need model.rollout_engine: static")
         self.ref_model_name_or_path = ref_model_name_or_path or self.model_name_or_path
         self.reward_model_name_or_path = reward_model_name_or_path
         self.reward_fn_spec = reward_fn
@@ -209,9 +227,12 @@ class PPOModule(RLHFModule):
         self.log_samples_every_n = log_samples_every_n
         self.num_logged_samples = num_logged_samples
         self.save_hyperparameters()
-        self.generator = HFGenerator(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, do_sample=True,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+        self.rollout_engine = rollout_engine
+        self.reuse_rollout_logprobs = reuse_rollout_logprobs
+        self.generator: Union[HFGenerator, StaticCacheGenerator] = build_generator(
+            rollout_engine, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            do_sample=True, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            compile=rollout_compile,
         )
         #: optional override of the per-sample KL coefficients (set by callbacks, e.g. GIL's adaptive exploration)
         self.kl_coef_fn: Optional[Callable[[Experience], torch.Tensor]] = None
@@ -385,12 +406,17 @@ class PPOModule(RLHFModule):
         if self.critic is not None:
             self.critic.eval()
         logprobs, ref_logprobs, values = [], [], []
+        shared = self.critic is None
+        # the sampler's log-probs replace a policy forward when asked for (a shared critic needs that pass anyway)
+        reuse = self.reuse_rollout_logprobs and gen.logprobs is not None and not shared
         try:
             for mb in exp.minibatches(self._rollout_micro() or len(exp), shuffle=False):
-                shared = self.critic is None
-                logits, hidden = self._logits(self.policy, mb.sequences, mb.attention_mask, P, output_hidden_states=shared)
-                logprobs.append(token_logprobs(logits, mb.responses))
-                del logits
+                hidden = None
+                if not reuse:
+                    logits, hidden = self._logits(self.policy, mb.sequences, mb.attention_mask, P,
+                                                  output_hidden_states=shared)
+                    logprobs.append(token_logprobs(logits, mb.responses))
+                    del logits
                 ref_logits, _ = self._logits(self.reference, mb.sequences, mb.attention_mask, P)
                 ref_logprobs.append(token_logprobs(ref_logits, mb.responses))
                 del ref_logits
@@ -400,7 +426,7 @@ class PPOModule(RLHFModule):
             if self.critic is not None:
                 self.critic.train(was_training)
         mask = exp.action_mask.float()
-        exp.logprobs = torch.cat(logprobs) * mask  # (B, R)
+        exp.logprobs = (gen.logprobs.float() if reuse else torch.cat(logprobs)) * mask  # (B, R)
         exp.ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, R)
         exp.values = torch.cat(values) * mask  # (B, R)
         exp.scores = self.score(exp)  # (B,)

@@ -32,6 +32,9 @@ class GenerationOutput:
         action_mask: ``(B, R)`` 1 on response tokens up to and including the first EOS.
         prompt_length: ``P``.
         stopped_by_eos: ``(B,)`` bool, True where the response contains an EOS (False: it hit the length cap).
+        logprobs: ``(B, R)`` log-probs of the sampled tokens under ``softmax(logits / temperature)`` (0 on padding),
+            when the backend records them (:class:`~lightning_rlhf.rollout.engine.StaticCacheGenerator` does;
+            ``HFGenerator`` does not), else ``None``.
     """
 
     sequences: torch.Tensor  # (B, P+R)
@@ -39,6 +42,7 @@ class GenerationOutput:
     action_mask: torch.Tensor  # (B, R)
     prompt_length: int
     stopped_by_eos: torch.Tensor  # (B,) bool
+    logprobs: Optional[torch.Tensor] = None  # (B, R)
 
 
 @runtime_checkable

@@ -1,0 +1,282 @@
+"""A rollout engine with its own decode loop: ``StaticCacheGenerator``.
+
+Same contract as :class:`~lightning_rlhf.rollout.generation.HFGenerator` (left-padded prompts in; responses cut at
+the first EOS, padded after it), with these differences:
+
+* **Static shapes.** The KV cache (``transformers.StaticCache``), the attention mask and the token buffer are
+  allocated once for ``P + max_new_tokens`` columns. Every decode step has the same shapes, so with ``compile=True``
+  the one-token step is compiled once per batch shape (``torch.compile``; on CUDA with ``mode="reduce-overhead"``,
+  which replays it as a CUDA graph: no per-token Python or kernel-launch overhead).
+* **Prompts encoded once.** One prefill over the left-padded prompts, then one token per step for every row.
+* **No host syncs per token.** Sampling inverts each row's CDF with one uniform draw from a seeded
+  ``torch.Generator`` on the model's device (:func:`sample_tokens`), so nothing waits on the host. Whether every row has finished is read every ``check_every`` steps only.
+* **Rollout log-probs.** The output carries ``logprobs``: ``log softmax(logits / temperature)`` of each sampled token
+  (the full distribution, before top-k / top-p filtering, which is what PPO's ratio uses). They equal a recomputation
+  by a full forward pass up to the rounding of the incremental (cached) pass, so PPO can reuse them as its old
+  log-probs (``PPOModule(reuse_rollout_logprobs=True)``) instead of a second policy forward.
+* ``synced_gpus=True`` (set by the module under FSDP / ZeRO-3) keeps every rank stepping until all ranks have
+  finished, so sharded parameters are gathered the same number of times everywhere.
+
+The samples differ from ``HFGenerator``'s for the same seed (a different RNG consumption); greedy decoding gives the
+same tokens (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from lightning_rlhf.rollout.generation import GenerationOutput, _current_rank
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: removed entries become ``-inf``.
+
+    Matches ``transformers``' ``TopKLogitsWarper`` followed by ``TopPLogitsWarper`` (with ``min_tokens_to_keep=1``):
+    top-p keeps the smallest set of highest-probability tokens whose mass reaches ``top_p``.
+
+    Args:
+        logits: ``(B, V)`` (already divided by the temperature).
+        top_k: keep the ``k`` largest logits; 0 keeps all.
+        top_p: nucleus mass in ``(0, 1]``; 1.0 keeps all.
+
+    Returns:
+        ``(B, V)`` filtered logits (a new tensor when anything is filtered, else ``logits`` itself).
+    """
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)  # ascending, as HF
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Categorical sample of each row by inverting its CDF with one uniform draw per row. No host sync.
+
+    ``tok = min{i : cdf_i > u * cdf_V}``, ``cdf`` the cumulative sum of ``exp(logits - max)``: a token with zero
+    probability (``-inf`` logit) has no width in the CDF and is never chosen. One random number per row (the
+    exponential-race / Gumbel form needs one per vocabulary entry, several times slower on a CPU).
+
+    Args:
+        logits: ``(B, V)`` unnormalised log-probabilities (``-inf`` on filtered entries).
+        generator: RNG on ``logits.device``; ``None`` uses the global one.
+
+    Returns:
+        ``(B,)`` long token ids.
+    """
+    logits = logits.float()
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # (B, V), max entry 1
+    cdf = weights.cumsum_(dim=-1)  # (B, V)
+    u = torch.rand((logits.shape[0], 1), dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+
+
+class StaticCacheGenerator:
+    """Rollout generation with a preallocated KV cache and an own, sync-free decode loop (see the module docstring).
+
+    Args:
+        max_new_tokens: response length cap ``R``.
+        temperature: sampling temperature (the policy's log-probs must then be computed on ``logits / temperature``).
+        top_p: nucleus sampling; 1.0 samples from the full distribution (what PPO's ratio assumes).
+        top_k: top-k sampling; 0 disables it.
+        do_sample: False for greedy decoding.
+        eos_token_id: EOS id(s); a row stops at its first EOS. ``None``: the model's generation config / config.
+        pad_token_id: id written after EOS (may equal ``eos_token_id``); ``None``: the (first) EOS id.
+        seed: base seed for per-rank reproducible sampling when ``generate`` gets no ``seed``; ``None``: the global RNG.
+        pad_to_max_new_tokens: always return ``max_new_tokens`` response columns; otherwise ``R`` is cut to the
+            longest response of the batch.
+        compile: compile the one-token decode step with ``torch.compile`` (CUDA: ``mode="reduce-overhead"``, CUDA
+            graphs). Compilation costs seconds to minutes once per batch shape; worth it for long rollouts on a GPU.
+        check_every: read "have all rows finished?" on the host every this many steps (each read is a device sync).
+        synced_gpus: keep decoding until every rank has finished (FSDP / ZeRO-3 set it).
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        do_sample: bool = True,
+        eos_token_id: Optional[Union[int, list[int]]] = None,
+        pad_token_id: Optional[int] = None,
+        seed: Optional[int] = None,
+        pad_to_max_new_tokens: bool = False,
+        compile: bool = False,
+        check_every: int = 8,
+        synced_gpus: bool = False,
+    ) -> None:
+        if max_new_tokens <= 0:
+            raise ValueError(f"StaticCacheGenerator: max_new_tokens must be positive, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError("StaticCacheGenerator: temperature must be > 0 when do_sample=True (greedy: do_sample=False)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"StaticCacheGenerator: top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"StaticCacheGenerator: top_k must be >= 0, got {top_k}")
+        if check_every < 1:
+            raise ValueError(f"StaticCacheGenerator: check_every must be >= 1, got {check_every}")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.do_sample = do_sample
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.pad_to_max_new_tokens = pad_to_max_new_tokens
+        self.compile = compile
+        self.check_every = check_every
+        self.synced_gpus = synced_gpus
+        self._calls = 0
+        self._compiled: dict[int, Callable[..., torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _eos_pad(self, model: torch.nn.Module) -> tuple[list[int], int]:
+        eos: Any = self.eos_token_id
+        if eos is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            if eos is None:
+                eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+        if eos is None:
+            raise ValueError("StaticCacheGenerator: no eos_token_id given and the model config has none")
+        eos_list = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        pad = self.pad_token_id if self.pad_token_id is not None else eos_list[0]
+        return eos_list, int(pad)
+
+    def _call_seed(self, seed: Optional[int]) -> Optional[int]:
+        if seed is not None:
+            return int(seed)
+        if self.seed is None:
+            return None
+        return (self.seed * 1_000_003 + _current_rank() * 7_919 + self._calls) % (2**63 - 1)
+
+    def _step_fn(self, model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """``(ids (B, n), mask (B, P+R), position_ids (B, n), cache) -> last-position logits (B, V)``."""
+
+        def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1]
+
+        if not self.compile:
+            return step
+        key = id(model)
+        if key not in self._compiled:
+            on_cuda = next(model.parameters()).device.type == "cuda"
+            self._compiled[key] = torch.compile(step, mode="reduce-overhead" if on_cuda else None, dynamic=False)
+        return self._compiled[key]
+
+    def _all_finished(self, finished: torch.Tensor) -> bool:
+        done = finished.all()
+        if self.synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = done.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            return bool(flag.item())
+        return bool(done.item())
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: Optional[int] = None
+    ) -> GenerationOutput:
+        """Sample one response per left-padded prompt.
+
+        Args:
+            model: a HF causal LM (unwrapped from DDP) whose forward accepts ``past_key_values``, ``position_ids``
+                and ``logits_to_keep``.
+            input_ids: ``(B, P)`` left-padded prompt ids.
+            attention_mask: ``(B, P)`` prompt mask; its last column must be all ones (left padding).
+            seed: per-call seed (overrides the derived one).
+
+        Returns:
+            :class:`GenerationOutput` with ``logprobs`` ``(B, R)`` set (0 after the first EOS).
+        """
+        from transformers import StaticCache
+
+        if attention_mask.shape[1] and not bool(attention_mask[:, -1].all()):
+            raise ValueError("StaticCacheGenerator.generate: prompts must be LEFT-padded (attention_mask[:, -1] has zeros)")
+        eos_list, pad = self._eos_pad(model)
+        call_seed = self._call_seed(seed)
+        self._calls += 1
+        device = input_ids.device
+        rng: Optional[torch.Generator] = None
+        if call_seed is not None:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(call_seed)
+        B, P = input_ids.shape
+        R = self.max_new_tokens
+        eos_ids = torch.tensor(eos_list, device=device)
+        step = self._step_fn(model)
+        was_training = model.training
+        model.eval()
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=P + R)
+            mask = torch.zeros(B, P + R, dtype=torch.long, device=device)  # (B, P+R): filled as tokens arrive
+            mask[:, :P] = attention_mask
+            tokens = torch.full((B, R), pad, dtype=torch.long, device=device)  # (B, R)
+            logprobs = torch.zeros(B, R, dtype=torch.float32, device=device)  # (B, R)
+            finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+            logits = step(input_ids, mask, positions, cache)  # prefill: (B, V)
+            next_pos = positions[:, -1:] + 1  # (B, 1)
+            steps = R
+            for t in range(R):
+                scaled = logits.float()
+                if self.do_sample and self.temperature != 1.0:
+                    scaled = scaled / self.temperature
+                if self.do_sample:
+                    tok = sample_tokens(filter_logits(scaled, self.top_k, self.top_p), rng)
+                else:
+                    tok = scaled.argmax(dim=-1)
+                tok = torch.where(finished, torch.full_like(tok, pad), tok)  # (B,)
+                tokens[:, t] = tok
+                # log-prob under the full distribution (before top-k / top-p): logit - logsumexp
+                logp = scaled.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)  # (B,)
+                logprobs[:, t] = torch.where(finished, 0.0, logp)
+                finished = finished | torch.isin(tok, eos_ids)
+                if t == R - 1 or ((t + 1) % self.check_every == 0 and self._all_finished(finished)):
+                    steps = t + 1
+                    break
+                mask[:, P + t] = 1
+                logits = step(tok[:, None], mask, next_pos, cache)
+                next_pos = next_pos + 1
+        finally:
+            model.train(was_training)
+        # the step that wrote the last EOS: every later column is pad (action_mask 0)
+        is_eos = torch.isin(tokens, eos_ids)
+        eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+        action_mask = (eos_before == 0).long()
+        action_mask[:, steps:] = 0
+        stopped = is_eos.any(dim=-1)
+        width = R if self.pad_to_max_new_tokens else max(int(action_mask.sum(-1).max().item()) if B else 0, 1)
+        responses, action_mask, logprobs = tokens[:, :width], action_mask[:, :width], logprobs[:, :width]
+        responses = torch.where(action_mask.bool(), responses, torch.full_like(responses, pad))
+        logprobs = logprobs * action_mask
+        sequences = torch.cat([input_ids, responses], dim=1)
+        full_mask = torch.cat([attention_mask.long(), action_mask], dim=1)
+        return GenerationOutput(sequences, full_mask, action_mask, P, stopped, logprobs=logprobs)
+
+
+def build_generator(engine: str, **kwargs: Any) -> Any:
+    """A generator by name: ``"hf"`` (:class:`HFGenerator`, ``model.generate``) or ``"static"``
+    (:class:`StaticCacheGenerator`; ``compile`` is passed only to it)."""
+    from lightning_rlhf.rollout.generation import HFGenerator
+
+    if engine == "hf":
+        kwargs.pop("compile", None)
+        return HFGenerator(**kwargs)
+    if engine == "static":
+        return StaticCacheGenerator(**kwargs)
+    raise ValueError(f"rollout engine must be 'hf' or 'static', got {engine!r}")
+
+
+__all__: Sequence[str] = ["StaticCacheGenerator", "build_generator", "filter_logits", "sample_tokens"]
