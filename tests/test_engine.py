@@ -72,14 +72,15 @@ def test_sample_tokens_frequencies_follow_softmax():
     assert torch.equal(a, b)
 
 
-def test_greedy_matches_hf_generate_with_left_padding_and_eos(tiny_llama):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_matches_hf_generate_with_left_padding_and_eos(tiny_llama, cache):
     ids, mask = _prompts(12)
     # pick an EOS the model actually emits, so some rows stop early and some do not
     probe = HFGenerator(max_new_tokens=10, do_sample=False, eos_token_id=63, pad_token_id=PAD)
     eos = int(probe.generate(tiny_llama, ids, mask).sequences[0, ids.shape[1] + 3])
     kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
     ref = HFGenerator(**kw).generate(tiny_llama, ids, mask)
-    ours = StaticCacheGenerator(**kw).generate(tiny_llama, ids, mask)
+    ours = StaticCacheGenerator(cache=cache, **kw).generate(tiny_llama, ids, mask)
     assert isinstance(StaticCacheGenerator(), Generator)
     assert ref.stopped_by_eos.any()
     assert torch.equal(ours.sequences, ref.sequences)
@@ -149,6 +150,8 @@ def test_bad_arguments_and_right_padding_are_refused(tiny_llama):
         StaticCacheGenerator(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         StaticCacheGenerator(top_p=0.0)
+    with pytest.raises(ValueError, match="compile=True needs cache='static'"):
+        StaticCacheGenerator(compile=True, cache="dynamic")
     with pytest.raises(ValueError, match="rollout engine"):
         build_generator("vllm")
     assert isinstance(build_generator("hf", compile=True), HFGenerator)

@@ -3,10 +3,12 @@
 Same contract as :class:`~lightning_rlhf.rollout.generation.HFGenerator` (left-padded prompts in; responses cut at
 the first EOS, padded after it), with these differences:
 
-* **Static shapes.** The KV cache (``transformers.StaticCache``), the attention mask and the token buffer are
-  allocated once for ``P + max_new_tokens`` columns. Every decode step has the same shapes, so with ``compile=True``
-  the one-token step is compiled once per batch shape (``torch.compile``; on CUDA with ``mode="reduce-overhead"``,
-  which replays it as a CUDA graph: no per-token Python or kernel-launch overhead).
+* **Static shapes.** The token and log-prob buffers are allocated once; with ``cache="static"`` (the default when
+  compiling) so are the KV cache (``transformers.StaticCache``) and the attention mask, for ``P + max_new_tokens``
+  columns. Every decode step then has the same shapes, so with ``compile=True`` the one-token step is compiled once
+  per batch shape (``torch.compile``; on CUDA with ``mode="reduce-overhead"``, which replays it as a CUDA graph: no
+  per-token Python or kernel-launch overhead). Uncompiled, a ``DynamicCache`` that grows by a column per step is
+  faster (it attends only to the tokens so far), so ``cache="auto"`` picks it then.
 * **Prompts encoded once.** One prefill over the left-padded prompts, then one token per step for every row.
 * **No host syncs per token.** Sampling inverts each row's CDF with one uniform draw from a seeded
   ``torch.Generator`` on the model's device (:func:`sample_tokens`), so nothing waits on the host. Whether every row has finished is read every ``check_every`` steps only.
@@ -23,11 +25,13 @@ same tokens (tests/test_engine.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
 from lightning_rlhf.rollout.generation import GenerationOutput, _current_rank
+
+CacheKind = Literal["auto", "static", "dynamic"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -94,6 +98,9 @@ class StaticCacheGenerator:
             longest response of the batch.
         compile: compile the one-token decode step with ``torch.compile`` (CUDA: ``mode="reduce-overhead"``, CUDA
             graphs). Compilation costs seconds to minutes once per batch shape; worth it for long rollouts on a GPU.
+        cache: ``static`` (``transformers.StaticCache`` for ``P + max_new_tokens`` positions: fixed shapes, needed by
+            ``compile``), ``dynamic`` (``DynamicCache``, grown by one column per step: attends only to the tokens so
+            far, faster uncompiled, e.g. on a CPU) or ``auto`` (``static`` with ``compile``, else ``dynamic``).
         check_every: read "have all rows finished?" on the host every this many steps (each read is a device sync).
         synced_gpus: keep decoding until every rank has finished (FSDP / ZeRO-3 set it).
     """
@@ -110,6 +117,7 @@ class StaticCacheGenerator:
         seed: Optional[int] = None,
         pad_to_max_new_tokens: bool = False,
         compile: bool = False,
+        cache: CacheKind = "auto",
         check_every: int = 8,
         synced_gpus: bool = False,
     ) -> None:
@@ -121,6 +129,10 @@ class StaticCacheGenerator:
             raise ValueError(f"StaticCacheGenerator: top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise ValueError(f"StaticCacheGenerator: top_k must be >= 0, got {top_k}")
+        if cache not in ("auto", "static", "dynamic"):
+            raise ValueError(f"StaticCacheGenerator: cache must be auto, static or dynamic, got {cache!r}")
+        if compile and cache == "dynamic":
+            raise ValueError("StaticCacheGenerator: compile=True needs cache='static' (or 'auto'): fixed shapes")
         if check_every < 1:
             raise ValueError(f"StaticCacheGenerator: check_every must be >= 1, got {check_every}")
         self.max_new_tokens = max_new_tokens
@@ -133,6 +145,7 @@ class StaticCacheGenerator:
         self.seed = seed
         self.pad_to_max_new_tokens = pad_to_max_new_tokens
         self.compile = compile
+        self.cache = cache
         self.check_every = check_every
         self.synced_gpus = synced_gpus
         self._calls = 0
@@ -200,7 +213,7 @@ class StaticCacheGenerator:
         Returns:
             :class:`GenerationOutput` with ``logprobs`` ``(B, R)`` set (0 after the first EOS).
         """
-        from transformers import StaticCache
+        from transformers import DynamicCache, StaticCache
 
         if attention_mask.shape[1] and not bool(attention_mask[:, -1].all()):
             raise ValueError("StaticCacheGenerator.generate: prompts must be LEFT-padded (attention_mask[:, -1] has zeros)")
@@ -219,9 +232,14 @@ class StaticCacheGenerator:
         was_training = model.training
         model.eval()
         try:
-            cache = StaticCache(config=model.config, max_cache_len=P + R)
-            mask = torch.zeros(B, P + R, dtype=torch.long, device=device)  # (B, P+R): filled as tokens arrive
-            mask[:, :P] = attention_mask
+            static = self.cache == "static" or (self.cache == "auto" and self.compile)
+            if static:
+                cache: Any = StaticCache(config=model.config, max_cache_len=P + R)
+                mask = torch.zeros(B, P + R, dtype=torch.long, device=device)  # (B, P+R): filled as tokens arrive
+                mask[:, :P] = attention_mask
+            else:
+                cache = DynamicCache(config=model.config)
+                mask = attention_mask.long()  # (B, P + t): grows by a column per step
             tokens = torch.full((B, R), pad, dtype=torch.long, device=device)  # (B, R)
             logprobs = torch.zeros(B, R, dtype=torch.float32, device=device)  # (B, R)
             finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
@@ -246,7 +264,10 @@ class StaticCacheGenerator:
                 if t == R - 1 or ((t + 1) % self.check_every == 0 and self._all_finished(finished)):
                     steps = t + 1
                     break
-                mask[:, P + t] = 1
+                if static:
+                    mask[:, P + t] = 1
+                else:
+                    mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
                 logits = step(tok[:, None], mask, next_pos, cache)
                 next_pos = next_pos + 1
         finally:
