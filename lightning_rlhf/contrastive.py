@@ -87,6 +87,12 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return int(digest[:16], 16) % (2**62)
 
 
+def sample_seed(seed: int, prompt_id: str, j: int) -> int:
+    """Counter-RNG seed of sample ``j`` of a prompt (static engine): :func:`prompt_seed` plus ``j`` golden-ratio
+    steps, modulo ``2**62``."""
+    return (prompt_seed(seed, prompt_id) + j * 0x9E3779B97F4A7C15) % (2**62)
+
+
 # ---------------------------------------------------------------------------------------------------- records
 def baseline_record(
     prompt_id: str, scores: Sequence[float], agg: Aggregation = "mean", q: float = 0.5

@@ -21,6 +21,7 @@ from lightning_rlhf.contrastive import (
     aggregate_scores,
     append_records,
     prompt_seed,
+    sample_seed,
     read_baselines,
     read_part_file,
     write_baseline_file,
@@ -31,6 +32,7 @@ from lightning_rlhf.data.sources import prompt_id
 from lightning_rlhf.methods.contrastive import BaselineSamplerModule, ContrastivePPOModule
 from lightning_rlhf.models.factory import load_tokenizer
 from lightning_rlhf.rewards import TokenCountReward
+from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,6 +158,47 @@ def test_stopped_and_resumed_pass_writes_the_same_file_as_an_uninterrupted_one(t
     # the same parts with other sampling settings are refused, naming the setting and the way out
     with pytest.raises(ValueError, match="seed.*overwrite"):
         _predict(_sampler(resumed, seed=1), _data(batch_size=4, rows=12), tmp_path)
+
+
+def test_static_engine_batches_prompts_and_each_prompt_still_samples_from_its_own_seed(tmp_path):
+    """rollout_engine: static samples all prompts of a batch in one padded call; a prompt's scores equal those of
+    that prompt sampled alone from its per-sample seeds, and a crashed pass resumed with another batch size writes the
+    same file."""
+    whole = tmp_path / "whole" / "baseline.jsonl"
+    dm = _data(batch_size=4, rows=12)
+    first = _sampler(whole, rollout_engine="static")
+    _predict(first, dm, tmp_path)
+    rows = {r["prompt_id"]: r for r in _records(whole)}
+    assert first.num_sampled == len(rows) > 4
+
+    tok = first.tokenizer
+    alone = StaticCacheGenerator(max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    lengths_seen = set()
+    for item in dm.train_dataset:
+        pid = prompt_id(item["prompt"])
+        if pid not in rows:
+            continue
+        ids = torch.tensor([item["input_ids"]] * 4)
+        seeds = torch.tensor([sample_seed(0, pid, j) for j in range(4)])
+        gen = alone.generate(first.policy, ids, torch.ones_like(ids), row_seeds=seeds)
+        n = response_lengths(gen.action_mask).tolist()
+        texts = tok.batch_decode([r[:m] for r, m in zip(gen.sequences[:, ids.shape[1]:].tolist(), n)],
+                                 skip_special_tokens=True)
+        assert rows[pid]["scores"] == TokenCountReward("e")([item["prompt"]] * 4, texts), pid
+        lengths_seen.add(len(item["input_ids"]))
+    assert len(lengths_seen) > 1  # prompts of different lengths were padded together in the module
+
+    resumed = tmp_path / "resumed" / "baseline.jsonl"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _predict(_sampler(resumed, rollout_engine="static"), _data(batch_size=4, rows=12), tmp_path,
+                 callbacks=[_Crash()])
+    module = _sampler(resumed, rollout_engine="static")
+    _predict(module, _data(batch_size=5, rows=12), tmp_path)
+    assert module.num_skipped == 4
+    assert resumed.read_bytes() == whole.read_bytes()
+    # the engines draw different samples: finishing the pass with the other engine is refused
+    with pytest.raises(ValueError, match="rollout_engine.*overwrite"):
+        _predict(_sampler(resumed), _data(batch_size=4, rows=12), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- PPO side

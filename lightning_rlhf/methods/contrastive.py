@@ -1,8 +1,8 @@
 """Contrastive rewards (spec 4, Shen et al., arXiv 2403.07708): an offline baseline pass, then PPO on ``r - b``.
 
 1. :class:`BaselineSamplerModule`, run with ``python cli.py predict -c configs/contrastive/baseline.yaml``: for
-   every RL prompt ``x`` it samples ``k`` responses from the SFT policy (the PPO rollout sampler, ``HFGenerator``,
-   with the same sampling settings), scores them with the PPO reward source (reward model or rule-based function)
+   every RL prompt ``x`` it samples ``k`` responses from the SFT policy (a PPO rollout sampler, ``HFGenerator`` or
+   the static-cache engine, with the same sampling settings), scores them with the PPO reward source (reward model or rule-based function)
    and stores ``b(x) = agg_j r(x, y_j)`` keyed by the stable prompt id in one file (jsonl, or parquet by extension).
 2. :class:`ContrastivePPOModule`: PPO whose sequence score becomes ``s_cr = r(x, y) - b(x)`` before the running
    reward normalisation (the ``transform_scores`` hook of :class:`~lightning_rlhf.methods.ppo.PPOModule`).
@@ -10,10 +10,12 @@
 How the offline pass survives stops and several ranks: each rank appends one fsynced JSON line per finished prompt
 (after every batch) to its own part file ``<output>.parts/rank<r>.jsonl``; on start every rank reads all part files
 and skips the prompt ids already there; at the end, after a barrier, rank 0 merges the part files into the one
-output file, sorted by prompt id, written atomically. Each prompt's ``k`` samples are generated together (``k``
-copies of the prompt, no padding) from a seed hashed from ``(seed, prompt_id)``, and scored together, so a prompt's
-record does not depend on batch composition, the number of ranks, or on where a previous run stopped: an
-interrupted-and-resumed pass writes the same bytes as an uninterrupted one. The aggregation is applied at merge
+output file, sorted by prompt id, written atomically. With ``rollout_engine: hf`` each prompt's ``k`` samples are
+generated together (``k`` copies of the prompt, no padding) from a seed hashed from ``(seed, prompt_id)``; with
+``rollout_engine: static`` all unfinished prompts of a batch are generated in one call, every row drawing from a
+counter-based RNG keyed by ``(seed, prompt_id, j)``. Either way a prompt's record does not depend on batch
+composition, the number of ranks, or on where a previous run stopped (with ``static``: up to the float rounding of
+a padded batch): an interrupted-and-resumed pass writes the same bytes as an uninterrupted one. The aggregation is applied at merge
 time from the stored raw scores, so re-running with another ``agg`` only re-merges.
 """
 
@@ -25,7 +27,7 @@ import math
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ from lightning_rlhf.contrastive import (
     append_records,
     baseline_record,
     prompt_seed,
+    sample_seed,
     read_baselines,
     read_part_file,
     repair_part_file,
@@ -48,7 +51,8 @@ from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.models.factory import load_causal_lm
 from lightning_rlhf.rewards import RewardInput, RewardSource, build_reward_source
 from lightning_rlhf.rollout.experience import Experience
-from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
+from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
+from lightning_rlhf.rollout.generation import GenerationOutput, HFGenerator, response_lengths
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,12 @@ class BaselineSamplerModule(RLHFModule):
         top_p: Nucleus sampling (use the PPO run's value).
         top_k: Top-k sampling, 0 = off (use the PPO run's value).
         seed: Base seed; the samples of a prompt are drawn with a seed hashed from ``(seed, prompt_id)``.
+        rollout_engine: ``hf``: each prompt's ``k`` copies are one ``model.generate`` call (no padding). ``static``:
+            all unfinished prompts of a data batch are sampled in one call of the static-cache engine
+            (``lightning_rlhf.rollout.engine``), ``k`` left-padded rows each, every row drawing from a counter-based
+            RNG keyed by its own seed (``(seed, prompt_id, j)``), so a prompt's samples still do not depend on the
+            other prompts of the batch (up to the float rounding of a padded batch); much faster with large batches.
+            The two engines draw different samples, so a pass must be finished with the engine it started with.
         overwrite: Delete the part files of an earlier pass and start over (otherwise finished prompts are skipped;
             the earlier pass must have used the same model, reward and sampling settings, or the start fails).
     """
@@ -95,6 +105,7 @@ class BaselineSamplerModule(RLHFModule):
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int = 0,
+        rollout_engine: Literal["hf", "static"] = "hf",
         overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -109,6 +120,8 @@ class BaselineSamplerModule(RLHFModule):
             raise ValueError(f"model.agg must be one of {'|'.join(AGGREGATIONS)}, got {agg!r}")
         if not 0.0 <= quantile_q <= 1.0:
             raise ValueError(f"model.quantile_q must be in [0, 1], got {quantile_q}")
+        if rollout_engine not in ("hf", "static"):
+            raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
         self.output_path = output_path
         self.num_samples = num_samples
         self.agg: Aggregation = agg
@@ -119,8 +132,9 @@ class BaselineSamplerModule(RLHFModule):
         self.overwrite = overwrite
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.save_hyperparameters()
-        self.generator = HFGenerator(
-            **self.sampling, do_sample=True,
+        self.rollout_engine = rollout_engine
+        self.generator: Union[HFGenerator, StaticCacheGenerator] = build_generator(
+            rollout_engine, **self.sampling, do_sample=True,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
         )
         self.reward_source: Optional[RewardSource] = None
@@ -164,8 +178,11 @@ class BaselineSamplerModule(RLHFModule):
         the data module's tokenization (chat template, truncation), which must stay the same too."""
         reward = self.reward_model_name_or_path if self.reward_model_name_or_path is not None else self.reward_fn_spec
         precision = str(self.trainer.precision) if self._trainer is not None else None
-        return {"model": self.model_name_or_path, "reward": reward, "num_samples": self.num_samples,
-                "seed": self.seed, "dtype": self.dtype_name, "precision": precision, **self.sampling}
+        found = {"model": self.model_name_or_path, "reward": reward, "num_samples": self.num_samples,
+                 "seed": self.seed, "dtype": self.dtype_name, "precision": precision, **self.sampling}
+        if self.rollout_engine != "hf":  # (passes from before the engine option used hf and have no key)
+            found["rollout_engine"] = self.rollout_engine
+        return found
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self._trainer is not None else 0
@@ -226,11 +243,44 @@ class BaselineSamplerModule(RLHFModule):
             prompt_id: its stable id (seeds the sampling).
             domain: its domain label (passed to reward functions that take it).
         """
-        assert self.reward_source is not None, "build_models() was not called"
         k = self.num_samples
         ids = input_ids.reshape(1, -1).expand(k, -1).contiguous()  # (k, P)
         mask = torch.ones_like(ids)
         gen = self.generator.generate(self.policy, ids, mask, seed=prompt_seed(self.seed, prompt_id))
+        return self._score_rows(gen, [prompt] * k, [prompt_id] * k, [domain] * k)
+
+    @torch.no_grad()
+    def sample_prompts(self, items: list[tuple[torch.Tensor, str, str, str]]) -> list[list[float]]:
+        """The ``k`` raw scores of each of several prompts, sampled in one call of the static-cache engine.
+
+        Row ``i * k + j`` holds sample ``j`` of prompt ``i``, left-padded, with its own counter-based seed
+        :func:`~lightning_rlhf.contrastive.sample_seed` ``(seed, prompt_id, j)``.
+
+        Args:
+            items: ``(input_ids (P_i,) without padding, prompt text, prompt id, domain)`` per prompt.
+        """
+        assert isinstance(self.generator, StaticCacheGenerator), "sample_prompts needs model.rollout_engine: static"
+        k = self.num_samples
+        rows = [ids for ids, _, _, _ in items for _ in range(k)]
+        width = max(len(r) for r in rows)
+        device = rows[0].device
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        seeds = torch.tensor([sample_seed(self.seed, pid, j) for _, _, pid, _ in items for j in range(k)],
+                             dtype=torch.long)
+        gen = self.generator.generate(self.policy, input_ids, mask, row_seeds=seeds)
+        scores = self._score_rows(gen, [p for _, p, _, _ in items for _ in range(k)],
+                                  [pid for _, _, pid, _ in items for _ in range(k)],
+                                  [d for _, _, _, d in items for _ in range(k)])
+        return [scores[i * k : (i + 1) * k] for i in range(len(items))]
+
+    def _score_rows(self, gen: GenerationOutput, prompts: list[str], prompt_ids: list[str],
+                    domains: list[str]) -> list[float]:
+        """Raw reward of every generated row; a non-finite score stops the pass naming the prompt id."""
+        assert self.reward_source is not None, "build_models() was not called"
         texts: list[str] = []
         if self.reward_source.needs_text:
             lengths = response_lengths(gen.action_mask).tolist()
@@ -238,14 +288,14 @@ class BaselineSamplerModule(RLHFModule):
             texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         inp = RewardInput(
             sequences=gen.sequences, attention_mask=gen.attention_mask, prompt_length=gen.prompt_length,
-            action_mask=gen.action_mask, prompts=[prompt] * k, responses=texts,
-            extras={"prompt_ids": [prompt_id] * k, "prompts": [prompt] * k, "domains": [domain] * k,
+            action_mask=gen.action_mask, prompts=prompts, responses=texts,
+            extras={"prompt_ids": prompt_ids, "prompts": prompts, "domains": domains,
                     "stopped_by_eos": gen.stopped_by_eos},
         )
         scores = self.reward_source(inp).float().cpu().tolist()
-        bad = [s for s in scores if not math.isfinite(s)]
-        if bad:
-            raise ValueError(f"The reward source returned a non-finite score ({bad[0]}) for prompt_id {prompt_id!r}")
+        for score, pid in zip(scores, prompt_ids):
+            if not math.isfinite(score):
+                raise ValueError(f"The reward source returned a non-finite score ({score}) for prompt_id {pid!r}")
         return scores
 
     def predict_step(self, batch: PromptBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, int]:
@@ -254,17 +304,22 @@ class BaselineSamplerModule(RLHFModule):
         Returns:
             ``{"sampled": n, "skipped": m}`` prompts of this batch (the records themselves go to the part file).
         """
-        records = []
         skipped = 0
+        items: list[tuple[torch.Tensor, str, str, str]] = []
+        pending: set[str] = set()
         for i, pid in enumerate(batch.prompt_ids):
-            if pid in self._done:
+            if pid in self._done or pid in pending:
                 skipped += 1
                 continue
+            pending.add(pid)
             ids = batch.input_ids[i][batch.attention_mask[i].bool()]  # (P_i,) left padding removed
-            domain = batch.domains[i] if i < len(batch.domains) else ""
-            scores = self.sample_prompt(ids, batch.prompts[i], pid, domain)
-            records.append({"prompt_id": pid, "scores": scores})
-            self._done.add(pid)
+            items.append((ids, batch.prompts[i], pid, batch.domains[i] if i < len(batch.domains) else ""))
+        if self.rollout_engine == "static" and items:
+            all_scores = self.sample_prompts(items)
+        else:
+            all_scores = [self.sample_prompt(*item) for item in items]
+        records = [{"prompt_id": item[2], "scores": scores} for item, scores in zip(items, all_scores)]
+        self._done.update(item[2] for item in items)
         if records:
             self.part_file().parent.mkdir(parents=True, exist_ok=True)
             append_records(self.part_file(), records)

@@ -61,7 +61,48 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for int64 ``x`` in ``[0, 2**32)`` without int64 overflow (``c`` split in 16-bit halves)."""
+    hi, lo = c >> 16, c & 0xFFFF
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply, "lowbias32" constants) on int64 values in ``[0, 2**32)``."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(row_seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform number in ``[0, 1)`` per row, a pure function of ``(row seed, step)`` (a counter-based RNG).
+
+    A row's draws therefore do not depend on which other rows share the batch or on any RNG state: the offline
+    contrastive-baseline pass batches many prompts and still samples each from its own seed.
+
+    Args:
+        row_seeds: ``(B,)`` int64 seeds in ``[0, 2**63)``.
+        step: the decode step (0-based).
+
+    Returns:
+        ``(B,)`` float32 with 24 random bits each.
+    """
+    seeds = row_seeds.long()
+    key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _GOLDEN32))
+    x = _mix32((key + (step + 1) * _GOLDEN32) & _MASK32)
+    x = _mix32(x ^ key)
+    return (x >> 8).float() * 2.0**-24
+
+
+def sample_tokens(
+    logits: torch.Tensor, generator: Optional[torch.Generator] = None, uniform: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Categorical sample of each row by inverting its CDF with one uniform draw per row. No host sync.
 
     ``tok = min{i : cdf_i > u * cdf_V}``, ``cdf`` the cumulative sum of ``exp(logits - max)``: a token with zero
@@ -70,7 +111,8 @@ def sample_tokens(logits: torch.Tensor, generator: Optional[torch.Generator] = N
 
     Args:
         logits: ``(B, V)`` unnormalised log-probabilities (``-inf`` on filtered entries).
-        generator: RNG on ``logits.device``; ``None`` uses the global one.
+        generator: RNG on ``logits.device`` for ``u``; ``None`` uses the global one.
+        uniform: ``(B,)`` the draws ``u`` in ``[0, 1)`` to use instead (e.g. :func:`counter_uniform`).
 
     Returns:
         ``(B,)`` long token ids.
@@ -78,8 +120,11 @@ def sample_tokens(logits: torch.Tensor, generator: Optional[torch.Generator] = N
     logits = logits.float()
     weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # (B, V), max entry 1
     cdf = weights.cumsum_(dim=-1)  # (B, V)
-    u = torch.rand((logits.shape[0], 1), dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+    if uniform is None:
+        u = torch.rand((logits.shape[0], 1), dtype=cdf.dtype, device=cdf.device, generator=generator)
+    else:
+        u = uniform.to(device=cdf.device, dtype=cdf.dtype).reshape(-1, 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 
 class StaticCacheGenerator:
@@ -199,7 +244,12 @@ class StaticCacheGenerator:
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: Optional[int] = None
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        seed: Optional[int] = None,
+        row_seeds: Optional[torch.Tensor] = None,
     ) -> GenerationOutput:
         """Sample one response per left-padded prompt.
 
@@ -209,6 +259,8 @@ class StaticCacheGenerator:
             input_ids: ``(B, P)`` left-padded prompt ids.
             attention_mask: ``(B, P)`` prompt mask; its last column must be all ones (left padding).
             seed: per-call seed (overrides the derived one).
+            row_seeds: ``(B,)`` int64 seeds, one per row: row ``i`` then samples from :func:`counter_uniform` of
+                its own seed, whatever else is in the batch (``seed`` is not used).
 
         Returns:
             :class:`GenerationOutput` with ``logprobs`` ``(B, R)`` set (0 after the first EOS).
@@ -227,6 +279,11 @@ class StaticCacheGenerator:
             rng.manual_seed(call_seed)
         B, P = input_ids.shape
         R = self.max_new_tokens
+        if row_seeds is not None:
+            if row_seeds.shape != (B,):
+                raise ValueError(f"StaticCacheGenerator.generate: row_seeds must have shape ({B},), got "
+                                 f"{tuple(row_seeds.shape)}")
+            row_seeds = row_seeds.to(device=device, dtype=torch.long)
         eos_ids = torch.tensor(eos_list, device=device)
         step = self._step_fn(model)
         was_training = model.training
@@ -252,7 +309,8 @@ class StaticCacheGenerator:
                 if self.do_sample and self.temperature != 1.0:
                     scaled = scaled / self.temperature
                 if self.do_sample:
-                    tok = sample_tokens(filter_logits(scaled, self.top_k, self.top_p), rng)
+                    draws = None if row_seeds is None else counter_uniform(row_seeds, t)
+                    tok = sample_tokens(filter_logits(scaled, self.top_k, self.top_p), rng, draws)
                 else:
                     tok = scaled.argmax(dim=-1)
                 tok = torch.where(finished, torch.full_like(tok, pad), tok)  # (B,)
@@ -300,4 +358,4 @@ def build_generator(engine: str, **kwargs: Any) -> Any:
     raise ValueError(f"rollout engine must be 'hf' or 'static', got {engine!r}")
 
 
-__all__: Sequence[str] = ["StaticCacheGenerator", "build_generator", "filter_logits", "sample_tokens"]
+__all__: Sequence[str] = ["StaticCacheGenerator", "build_generator", "counter_uniform", "filter_logits", "sample_tokens"]
