@@ -9,7 +9,8 @@ one optimizer step per iteration:
         --prompts 64 --completions 4 --new-tokens 128 --prompt-len 64 --warmup 2 --iters 5
 
 Each side runs in a fresh Python process (the script re-invokes itself with a hidden ``--worker`` flag and reads back
-one JSON line), as ``bench/train_throughput.py`` does; a third process measures the memory bandwidth.
+one JSON line), as ``bench/train_throughput.py`` does; a third process measures the memory bandwidth and a matmul
+peak.
 
 * **Ours**: ``lightning_rlhf.methods.PPOModule`` under a ``lightning.Trainer``. Every prompt is repeated
   ``--completions`` times in the prompt batch (our PPO samples one response per prompt row), so one iteration
@@ -49,6 +50,19 @@ Columns (median over the ``--iters`` timed iterations after ``--warmup`` untimed
   forwards (the prefill and each decode step read every weight once) x bytes of the weights read per forward (all
   parameters at the compute dtype's width: 4 B fp32, 2 B bf16; an untied input embedding is not counted, a tied one
   once, as the LM head) / the bandwidth measured here with a large tensor copy (read + write bytes / time).
+* ``update TFLOP/s``: the update phase's model FLOPs / ``update``. FLOPs = 6·N·T (forward 2·N·T + backward 4·N·T;
+  attention score/value FLOPs left out). N = the parameters the update trains, counted on the trained models at the
+  end of the run without the input embeddings (a lookup) but with the LM head (a tied embedding counted once, as the
+  head): ours the policy + the critic (a separate value model's trunk and value head, or a shared critic's value head),
+  TRL the policy. T = the non-pad prompt + response tokens the update trains on (ours: PPOModule's own count,
+  ``tokens_per_s/update x time/update``; TRL: prompt + completion tokens) x passes (``ppo_epochs`` /
+  ``num_iterations``, both 1 here). Neither update phase runs the reference or an old-log-prob pass (both score).
+  Both sides apply the LM head only at the positions that predict response tokens; the footer says what share of the
+  counted FLOPs that leaves unrun.
+* ``update MFU``: ``update TFLOP/s`` / peak. Peak: ``--peak-tflops``; else the dense spec peak of a listed GPU
+  (:data:`GPU_PEAKS`) in the run's precision (bf16; for fp32 the TF32 figure when the side's process allows TF32
+  matmuls, else plain FP32); else (CPU, unlisted GPU) the median TFLOP/s of a ``--matmul-n`` square matmul in the
+  run's precision, measured in the bandwidth process; the header line then says "MFU vs measured matmul peak".
 * ``peak mem``: GPU ``torch.cuda.max_memory_allocated``; CPU peak RSS (``VmHWM``) of the worker process.
 
 ``--json PATH`` saves the header and the records (with every iteration's phase times and token counts).
@@ -89,6 +103,19 @@ MAX_GRAD_NORM = 1.0
 KL_BETA = 0.05  # ours kl_coef, TRL beta
 CLIP_EPS = 0.2  # ours clip_eps, TRL epsilon
 REWARD_TOKEN = "e"  # the rule-based reward counts this substring in the decoded response
+
+#: dense (no sparsity) spec-sheet peaks in TFLOP/s by a substring of ``torch.cuda.get_device_name()``, first match
+#: wins: (substrings, label, {bf16, tf32, fp32}); "fp32" is the plain FP32 (non-tensor-core) figure. NVL variants (lower
+#: clocks) are not listed: their names fall through to the measured matmul peak, as any other GPU does.
+GPU_PEAKS: tuple[tuple[tuple[str, ...], str, dict[str, float]], ...] = (
+    (("H100 PCIe",), "H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    (("H100 80GB HBM3", "H100 SXM"), "H100 SXM", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    (("H200",), "H200 (= H100 SXM)", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    (("A100",), "A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+)
+FLOP_RULE = ("update FLOPs = 6·N·T (forward 2·N·T + backward 4·N·T; attention score/value FLOPs left out); N = "
+             "parameters the update trains, without input embeddings (a lookup) but with the LM head (a tied embedding "
+             "counted once, as the head); T = non-pad prompt + response tokens of the sequences it trains on x passes")
 
 #: defaults that depend on --device (a 2-core CPU needs a much smaller shape than the GPU acceptance target)
 DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
@@ -182,13 +209,87 @@ def model_read_sizes(model: str) -> dict[str, Any]:
             "kv_values_per_token": 2 * text.num_hidden_layers * kv_heads * head_dim}
 
 
-def run_bandwidth(task: dict[str, Any]) -> dict[str, Any]:
-    """Memory bandwidth of the device (:func:`copy_bandwidth`) and the model's sizes (:func:`model_read_sizes`)."""
+def flop_params(model: Any) -> dict[str, Any]:
+    """Parameters of ``model`` that the 6·N·T rule counts: every parameter except the input embeddings (a table
+    lookup, no matmul); an output head tied to an embedding is counted once, as the LM head. ``params``: that count N;
+    ``trainable``: the part of N with ``requires_grad``; ``embedding``: the parameters left out; ``lm_head``: the
+    output head's weight (0 without one, e.g. a sequence-classification critic, whose small head is in N); ``tied``."""
+    import torch.nn as nn
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    head_w = getattr(head, "weight", None)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = head_w is not None and id(head_w) in embeddings
+    left_out = embeddings - {id(head_w)}
+    n = trainable = embedding = 0
+    for p in model.parameters():  # shared (tied) parameters are yielded once
+        if id(p) in left_out:
+            embedding += p.numel()
+        else:
+            n += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    head_n = head_w.numel() if head_w is not None else 0
+    return {"params": n, "trainable": trainable, "embedding": embedding, "lm_head": head_n, "tied": tied}
+
+
+def tf32_matmul() -> bool:
+    """Whether float32 CUDA matmuls of this process may run in TF32 (``allow_tf32`` or a float32 matmul precision
+    below ``highest``)."""
+    import warnings
+
     import torch
 
-    bandwidth, seconds = copy_bandwidth(task["device"], task["bandwidth_mib"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch deprecates allow_tf32 in favour of fp32_precision
+        mode = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+        if mode in ("tf32", "ieee"):
+            return mode == "tf32"
+        return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def matmul_tflops(device: str, precision: str, n: int, warmup: int, repeats: int) -> tuple[float, float]:
+    """A practical compute peak of ``device``: ``(TFLOP/s, seconds)`` of the median timed ``n x n @ n x n`` matmul
+    (2 n^3 FLOPs) in the run's precision (bf16 tensors for ``bf16``, float32 for ``fp32``)."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    c = torch.empty_like(a)
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return 2 * n**3 / seconds / 1e12, seconds
+
+
+def run_bandwidth(task: dict[str, Any]) -> dict[str, Any]:
+    """Memory bandwidth of the device (:func:`copy_bandwidth`), the model's sizes (:func:`model_read_sizes`) and the
+    matmul peak (:func:`matmul_tflops`; on CUDA in fp32 both without and with TF32)."""
+    import torch
+
+    device, precision, n = task["device"], task["precision"], task["matmul_n"]
+    bandwidth, seconds = copy_bandwidth(device, task["bandwidth_mib"])
+    warmup, repeats = (3, 10) if device == "cuda" else (2, 5)
+    matmul: dict[str, Any] = {"n": n, "repeats": repeats}
+    if device == "cuda" and precision == "fp32":
+        before = torch.get_float32_matmul_precision()
+        for mode, setting in (("fp32", "highest"), ("tf32", "high")):
+            torch.set_float32_matmul_precision(setting)
+            matmul[mode + "_tflops"], matmul[mode + "_s"] = matmul_tflops(device, precision, n, warmup, repeats)
+        torch.set_float32_matmul_precision(before)
+    else:
+        matmul[precision + "_tflops"], matmul[precision + "_s"] = matmul_tflops(device, precision, n, warmup, repeats)
     return {"bandwidth_Bps": bandwidth, "copy_mib": task["bandwidth_mib"], "copy_s": seconds,
-            "torch_threads": torch.get_num_threads(), **model_read_sizes(task["model"])}
+            "torch_threads": torch.get_num_threads(), "matmul": matmul,
+            "gpu_name": torch.cuda.get_device_name(0) if device == "cuda" else None, **model_read_sizes(task["model"])}
 
 
 def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
@@ -266,6 +367,12 @@ def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
                    "prompt_tokens": int(batch.attention_mask.sum()),
                    "prompt_digest": prompts_digest(batch.input_ids.tolist())}
             row["other"] = total - row["generate"] - row["score"] - row["update"]
+            # tokens the update ran through (non-pad prompt + response, every epoch): PPOModule's own count when it
+            # logs one (tokens_per_s/update x time/update), else (prompt + generated tokens) x ppo_epochs
+            if "tokens_per_s/update" in out:
+                row["update_tokens"] = round(out["tokens_per_s/update"] * out["time/update"])
+            else:
+                row["update_tokens"] = (row["prompt_tokens"] + row["gen_tokens"]) * kwargs["ppo_epochs"]
             self.rows.append(row)
 
     timer = IterationTimer()
@@ -278,9 +385,16 @@ def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
         )
         loader = DataLoader(batches, batch_size=None, shuffle=False, collate_fn=_identity, num_workers=0)
         trainer.fit(module, train_dataloaders=loader)
+    # the models the update trains: the policy and the critic (a separate value model, or the shared value head)
+    trained = {"policy": flop_params(module.policy)}
+    if module.critic is not None:
+        trained["critic"] = flop_params(getattr(module.critic, "hf_model", module.critic))
+    else:
+        trained["value_head"] = flop_params(module.value_head)
     return {"rows": timer.rows, "optimizer_steps": trainer.global_step,
             "peak_mem_gib": peak_memory_gib(device), "generator": type(module.generator).__name__,
-            "ppo_kwargs": {k: v for k, v in kwargs.items() if k != "reward_fn"}}
+            "ppo_kwargs": {k: v for k, v in kwargs.items() if k != "reward_fn"}, "flop_params": trained,
+            "passes": kwargs["ppo_epochs"], "tf32": tf32_matmul() if device == "cuda" else None}
 
 
 def _identity(batch: Any) -> Any:
@@ -339,7 +453,9 @@ def run_trl(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
             rows.append({"generate": gen, "score": gas - gen, "update": end - marks["gen_and_score_end"],
                          "other": marks["gen_and_score_start"] - marks["step_start"],
                          "total": end - marks["step_start"], "gen_tokens": gen_tokens[-1],
-                         "prompt_tokens": prompt_tokens[-1], "prompt_digest": prompt_digests[-1]})
+                         "prompt_tokens": prompt_tokens[-1], "prompt_digest": prompt_digests[-1],
+                         # the loss forward + backward runs over prompt + completion, num_iterations times
+                         "update_tokens": (prompt_tokens[-1] + gen_tokens[-1]) * args.num_iterations})
 
     class PreTokenizedGRPOTrainer(GRPOTrainer):
         """``GRPOTrainer`` whose prompts are the pre-made token ids (looked up by the prompt text), so both sides
@@ -387,7 +503,10 @@ def run_trl(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
         if trainer.ref_model is None:
             raise RuntimeError("GRPOTrainer built no reference model although beta > 0")
         trainer.train()
-    return {"rows": rows, "optimizer_steps": trainer.state.global_step, "peak_mem_gib": peak_memory_gib(device)}
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+    return {"rows": rows, "optimizer_steps": trainer.state.global_step, "peak_mem_gib": peak_memory_gib(device),
+            "flop_params": {"policy": flop_params(policy)}, "passes": args.num_iterations,
+            "tf32": tf32_matmul() if device == "cuda" else None}
 
 
 def worker(task_path: str) -> None:
@@ -432,6 +551,49 @@ def summarise(side: str, raw: dict[str, Any], warmup: int, floor_s: float, wall_
     rec.update(peak_mem_gib=raw["peak_mem_gib"], rows=raw["rows"], worker_wall_s=round(wall_s, 1))
     rec.update({k: raw[k] for k in ("generator", "ppo_kwargs") if k in raw})
     return rec
+
+
+def spec_peak(gpu_name: str | None, mode: str) -> tuple[float, str] | None:
+    """The dense spec-sheet peak (TFLOP/s) of a GPU listed in :data:`GPU_PEAKS` for ``mode`` (bf16, tf32 or fp32) and
+    its label; ``None`` for an unlisted device."""
+    if not gpu_name or "NVL" in gpu_name:
+        return None
+    for subs, label, peaks in GPU_PEAKS:
+        if any(sub in gpu_name for sub in subs):
+            return peaks[mode], f"{label} dense {mode.upper()} spec"
+    return None
+
+
+def add_mfu(rec: dict[str, Any], raw: dict[str, Any], bw: dict[str, Any], s: dict[str, Any]) -> None:
+    """Update-phase model FLOPs (:data:`FLOP_RULE`), achieved TFLOP/s (FLOPs / median update seconds) and MFU against
+    the peak: ``--peak-tflops``, else the GPU's spec peak, else the matmul peak measured by the bandwidth worker."""
+    timed = rec["rows"][s["warmup"]:]
+    mode = "bf16" if s["precision"] == "bf16" else ("tf32" if raw.get("tf32") else "fp32")
+    params = raw["flop_params"]
+    n = sum(v["params"] for v in params.values())
+    tokens = statistics.median(r["update_tokens"] for r in timed)
+    prompt_tokens = statistics.median(r["prompt_tokens"] for r in timed) * raw["passes"]
+    flops = 6 * n * tokens
+    spec = spec_peak(bw.get("gpu_name"), mode)
+    if s["peak_tflops"]:
+        peak, kind, source = s["peak_tflops"], "given", "--peak-tflops"
+    elif spec is not None:
+        peak, kind, source = spec[0], "spec", f"{spec[1]} ({bw['gpu_name']})"
+    else:
+        m = bw["matmul"]
+        peak, kind = m[mode + "_tflops"], "measured"
+        source = (f"median of {m['repeats']} {m['n']}x{m['n']} {mode} matmuls measured here "
+                  f"({bw['torch_threads']} torch threads)")
+    achieved = flops / rec["update_s"] / 1e12
+    rec.update(
+        flop_params=params, update_params=n, update_passes=raw["passes"], update_tokens=tokens, update_flops=flops,
+        update_tflops=achieved, matmul_mode=mode, tf32=raw.get("tf32"), peak_tflops=peak, peak_kind=kind,
+        peak_source=source, update_mfu=achieved / peak,
+        # both sides apply the LM head only at the positions that predict response tokens: the head's share of the
+        # counted FLOPs at the other (prompt) positions is counted by the rule but run by neither side
+        lm_head_prompt_frac=6 * params["policy"]["lm_head"] * prompt_tokens / flops if flops else 0.0,
+        frozen_params=n - sum(v["trainable"] for v in params.values()),
+    )
 
 
 def token_problems(ours: dict[str, Any], trl: dict[str, Any], expected: int, prompt_tokens: int) -> list[str]:
@@ -507,6 +669,61 @@ CAVEATS = (
 )
 
 
+def _flop_str(x: float) -> str:
+    """``x`` FLOPs with an SI prefix (``8.77 GFLOP``)."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}FLOP"
+    return f"{x:.3g} FLOP"
+
+
+def mfu_header(records: list[dict[str, Any]], bw: dict[str, Any]) -> str:
+    """The line above the table that says what the update MFU column divides by (measured peaks say so first), with
+    the matmul peak measured here beside a spec or given one."""
+    peaks = {(r["peak_tflops"], r["peak_kind"], r["peak_source"]) for r in records}
+    kinds = {k for _, k, _ in peaks}
+    label = ("update MFU vs measured matmul peak (NOT a spec-sheet MFU)" if kinds == {"measured"}
+             else "update MFU vs spec-sheet peak" if kinds == {"spec"}
+             else "update MFU vs --peak-tflops" if kinds == {"given"} else "update MFU vs mixed peaks")
+    if len(peaks) == 1:
+        peak, _, source = next(iter(peaks))
+        line = f"# {label}: peak {peak:.4g} TFLOP/s = {source}"
+    else:
+        line = f"# {label}: " + "; ".join(f"{'ours' if r['side'] == 'ours' else 'TRL'} peak {r['peak_tflops']:.4g} "
+                                          f"TFLOP/s = {r['peak_source']}" for r in records)
+    if kinds != {"measured"}:
+        m = bw["matmul"]
+        line += "; measured here: " + ", ".join(f"{m[mode + '_tflops']:.4g} TFLOP/s {mode}"
+                                               for mode in ("bf16", "tf32", "fp32") if mode + "_tflops" in m) \
+            + f" ({m['n']}x{m['n']} matmul, median of {m['repeats']})"
+    return line
+
+
+def mfu_footer(records: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
+    """Lines under the table: the FLOP rule, each side's N and T and FLOPs, the LM-head caveat, frozen parameters."""
+    lines = [f"# {FLOP_RULE}"]
+    for r in records:
+        notes = {"policy": " (tied embedding counted once, as the LM head)" if r["flop_params"]["policy"]["tied"]
+                 else " (LM head, no input embedding)", "critic": " (separate: trunk + value head)",
+                 "value_head": " (shared critic)"}
+        parts = " + ".join(f"{name} {v['params']:,}{notes.get(name, '')}" for name, v in r["flop_params"].items())
+        passes = "ppo_epochs" if r["side"] == "ours" else "num_iterations"
+        lines.append(
+            f"#   {'ours' if r['side'] == 'ours' else 'TRL '}: N = {parts}"
+            + (f" = {r['update_params']:,}" if len(r["flop_params"]) > 1 else "")
+            + f"; T = {r['update_tokens']:,.0f} tokens ({passes} {r['update_passes']}) -> {_flop_str(r['update_flops'])}"
+            f" per update / {r['update_s']:.4f} s = {r['update_tflops']:.4g} TFLOP/s"
+            + (f"; WARNING: {r['frozen_params']:,} of N are frozen (LoRA?), 6·N·T overstates"
+               if r["frozen_params"] else ""))
+    a, b = records
+    lines.append(
+        "#   no reference or old-log-prob pass runs in either update phase (both are in score); both sides apply the LM "
+        "head only at the positions that predict response tokens, so the rule counts head FLOPs at prompt positions "
+        f"that neither runs: {100 * a['lm_head_prompt_frac']:.0f}% of ours' counted FLOPs, "
+        f"{100 * b['lm_head_prompt_frac']:.0f}% of TRL's")
+    return lines
+
+
 def format_table(head: dict[str, Any], bw: dict[str, Any], floor: dict[str, float],
                  records: list[dict[str, Any]]) -> str:
     """The header lines, the aligned table and the caveats."""
@@ -531,27 +748,32 @@ def format_table(head: dict[str, Any], bw: dict[str, Any], floor: dict[str, floa
         + f" | TRL: GRPOTrainer, num_generations {s['completions']}, batch {B}"
         + (f" = {B // s['micro_batch']} accumulated micro-batches of {s['micro_batch']}" if s["micro_batch"] else "")
         + f", beta {KL_BETA}, no vLLM",
+        mfu_header(records, bw),
     ]
     cols = ["side", "iters timed", "generate s", "score s", "update s", "other s", "total s", "gen tokens",
-            "gen tok/s", "% of floor", "peak mem GiB"]
+            "gen tok/s", "% of floor", "update TFLOP/s", "update MFU", "peak mem GiB"]
     mem = "GPU" if s["device"] == "cuda" else "RSS"
     table = [cols]
     for r in records:
         table.append([
             "ours" if r["side"] == "ours" else "TRL", str(r["iters_timed"]),
             *(f"{r[p + '_s']:.4f}" for p in PHASES), f"{r['gen_tokens']:.0f}", f"{r['gen_tokens_per_s']:,.0f}",
-            f"{r['floor_pct']:.1f}%", f"{r['peak_mem_gib']:.3f} {mem}",
+            f"{r['floor_pct']:.1f}%", f"{r['update_tflops']:.3g}", f"{100 * r['update_mfu']:.1f}%",
+            f"{r['peak_mem_gib']:.3f} {mem}",
         ])
     by = {r["side"]: r for r in records}
     if "ours" in by and "trl" in by:
         a, b = by["ours"], by["trl"]
         table.append(["TRL/ours", "", *(f"{b[p + '_s'] / a[p + '_s']:.2f}x" if p != "other" else "" for p in PHASES),
-                      "", f"{a['gen_tokens_per_s'] / b['gen_tokens_per_s']:.2f}x", "", ""])
+                      "", f"{a['gen_tokens_per_s'] / b['gen_tokens_per_s']:.2f}x", "",
+                      f"{a['update_tflops'] / b['update_tflops']:.2f}x", "", ""])
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     lines += [
-        "# TRL/ours: time ratio (gen tok/s: ours/TRL); > 1 = ours faster",
+        "# TRL/ours: time ratio (gen tok/s and update TFLOP/s: ours/TRL); > 1 = ours faster (update TFLOP/s: more "
+        "model FLOPs per second; ours counts its critic)",
+        *mfu_footer(records, s),
         f"# bandwidth floor: {bw['bandwidth_Bps'] / 1e9:.1f} GB/s measured ({bw['copy_mib']} MiB tensor copy, read + "
         f"write, {bw['torch_threads']} torch threads); weights read per forward {floor['weight_bytes'] / 1e6:.2f} MB "
         f"({bw['params_read_per_forward']:,} params x {floor['width']} B"
@@ -600,6 +822,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate (ours: policy and critic; TRL: policy)")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="size of the tensor copied to measure bandwidth (default: 256 on CPU, 2048 on CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for the update MFU column (default: the dense spec peak of a listed GPU in the "
+                        "run's precision, else a matmul peak measured here)")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="size of the square matmul that measures the practical peak (default: 2048 on CPU, 8192 on "
+                        "CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also save the header and records to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -612,8 +840,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, defaults[key])
     if args.bandwidth_mib is None:
         args.bandwidth_mib = 2048 if args.device == "cuda" else 256
-    if min(args.prompts, args.new_tokens, args.prompt_len, args.iters, args.bandwidth_mib) < 1 or args.warmup < 0:
-        p.error("--prompts, --new-tokens, --prompt-len, --iters and --bandwidth-mib must be >= 1, --warmup >= 0")
+    if args.matmul_n is None:
+        args.matmul_n = 8192 if args.device == "cuda" else 2048
+    if min(args.prompts, args.new_tokens, args.prompt_len, args.iters, args.bandwidth_mib, args.matmul_n) < 1 \
+            or args.warmup < 0:
+        p.error("--prompts, --new-tokens, --prompt-len, --iters, --bandwidth-mib and --matmul-n must be >= 1, "
+                "--warmup >= 0")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        p.error("--peak-tflops must be > 0")
     if args.micro_batch is not None and (args.micro_batch < 1 or (args.prompts * args.completions) % args.micro_batch):
         p.error(f"--micro-batch must be >= 1 and divide --prompts x --completions ({args.prompts * args.completions})")
     if args.completions < 2:
@@ -658,7 +892,7 @@ def main(argv: list[str] | None = None) -> None:
               "prompts": args.prompts, "completions": args.completions, "new_tokens": args.new_tokens,
               "warmup": args.warmup, "iters": args.iters, "lr": args.lr, "seed": args.seed, "engine": args.engine,
               "critic": args.critic, "micro_batch": args.micro_batch, "ppo_set": args.ppo_set, "never_id": never_id,
-              "bandwidth_mib": args.bandwidth_mib}
+              "bandwidth_mib": args.bandwidth_mib, "matmul_n": args.matmul_n}
     raws: dict[str, tuple[dict[str, Any], float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_ppo_iteration_") as tmp:
         tmp_dir = Path(tmp)
@@ -674,6 +908,8 @@ def main(argv: list[str] | None = None) -> None:
     bw = raws["bandwidth"][0]
     floor = bandwidth_floor(bw, head["settings"])
     records = [summarise(side, raws[side][0], args.warmup, floor["floor_s"], raws[side][1]) for side in SIDES]
+    for rec, side in zip(records, SIDES):
+        add_mfu(rec, raws[side][0], bw, head["settings"])
     print(format_table(head, bw, floor, records), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
