@@ -86,7 +86,7 @@ def test_greedy_matches_hf_generate_with_left_padding_and_eos(tiny_llama, cache)
     eos = int(probe.generate(tiny_llama, ids, mask).sequences[0, ids.shape[1] + 3])
     kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
     ref = HFGenerator(**kw).generate(tiny_llama, ids, mask)
-    ours = StaticCacheGenerator(cache=cache, **kw).generate(tiny_llama, ids, mask)
+    ours = StaticCacheGenerator(cache=cache, prompt_bucket=1, **kw).generate(tiny_llama, ids, mask)
     assert isinstance(StaticCacheGenerator(), Generator)
     assert ref.stopped_by_eos.any()
     assert torch.equal(ours.sequences, ref.sequences)
@@ -164,6 +164,18 @@ def test_row_seeds_make_each_row_independent_of_the_rest_of_the_batch(tiny_llama
         gen.generate(tiny_llama, *_left_pad([prompt], 4), row_seeds=torch.tensor([1, 2]))
 
 
+def test_static_cache_pads_prompts_to_a_bucket_and_decodes_the_same(tiny_llama):
+    ids, mask = _prompts(5, seed=6)  # width 9 at most: padded to 16 columns
+    kw = dict(max_new_tokens=7, do_sample=False, eos_token_id=EOS, pad_token_id=PAD, pad_to_max_new_tokens=True)
+    plain = StaticCacheGenerator(cache="dynamic", **kw).generate(tiny_llama, ids, mask)
+    bucketed = StaticCacheGenerator(cache="static", prompt_bucket=16, **kw).generate(tiny_llama, ids, mask)
+    assert bucketed.prompt_length == 16 and bucketed.sequences.shape[1] == 16 + 7
+    assert torch.equal(bucketed.sequences[:, 16:], plain.sequences[:, plain.prompt_length:])
+    assert torch.equal(bucketed.action_mask, plain.action_mask)
+    assert torch.equal(bucketed.attention_mask[:, 16 - ids.shape[1]:], plain.attention_mask)
+    assert int(bucketed.attention_mask[:, : 16 - ids.shape[1]].sum()) == 0
+
+
 def test_early_exit_and_width(tiny_llama):
     ids, mask = _prompts(4, seed=4)
     # every token is an EOS: all rows stop at their first token, and the loop stops at the first check
@@ -200,7 +212,8 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_llama):
     kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
     eager = StaticCacheGenerator(**kw).generate(tiny_llama, ids, mask)
     compiled = StaticCacheGenerator(compile=True, **kw).generate(tiny_llama, ids, mask)
-    assert torch.equal(eager.sequences, compiled.sequences)
+    assert compiled.prompt_length == 64  # the static cache pads prompts to a bucket of 64 columns
+    assert torch.equal(eager.sequences[:, eager.prompt_length:], compiled.sequences[:, compiled.prompt_length:])
     torch.testing.assert_close(eager.logprobs, compiled.logprobs, atol=1e-5, rtol=0)
 
 

@@ -147,6 +147,9 @@ class StaticCacheGenerator:
             ``compile``), ``dynamic`` (``DynamicCache``, grown by one column per step: attends only to the tokens so
             far, faster uncompiled, e.g. on a CPU) or ``auto`` (``static`` with ``compile``, else ``dynamic``).
         check_every: read "have all rows finished?" on the host every this many steps (each read is a device sync).
+        prompt_bucket: with the static cache, left-pad the prompts to a multiple of this many columns, so prompt
+            batches of varying length share a few shapes (a compiled step is specialised to its shapes and would
+            otherwise recompile for every new prompt length). 1 disables it.
         synced_gpus: keep decoding until every rank has finished (FSDP / ZeRO-3 set it).
     """
 
@@ -164,6 +167,7 @@ class StaticCacheGenerator:
         compile: bool = False,
         cache: CacheKind = "auto",
         check_every: int = 8,
+        prompt_bucket: int = 64,
         synced_gpus: bool = False,
     ) -> None:
         if max_new_tokens <= 0:
@@ -178,6 +182,8 @@ class StaticCacheGenerator:
             raise ValueError(f"StaticCacheGenerator: cache must be auto, static or dynamic, got {cache!r}")
         if compile and cache == "dynamic":
             raise ValueError("StaticCacheGenerator: compile=True needs cache='static' (or 'auto'): fixed shapes")
+        if prompt_bucket < 1:
+            raise ValueError(f"StaticCacheGenerator: prompt_bucket must be >= 1, got {prompt_bucket}")
         if check_every < 1:
             raise ValueError(f"StaticCacheGenerator: check_every must be >= 1, got {check_every}")
         self.max_new_tokens = max_new_tokens
@@ -192,6 +198,7 @@ class StaticCacheGenerator:
         self.compile = compile
         self.cache = cache
         self.check_every = check_every
+        self.prompt_bucket = prompt_bucket
         self.synced_gpus = synced_gpus
         self._calls = 0
         self._compiled: dict[int, Callable[..., torch.Tensor]] = {}
@@ -277,6 +284,11 @@ class StaticCacheGenerator:
         if call_seed is not None:
             rng = torch.Generator(device=device)
             rng.manual_seed(call_seed)
+        static = self.cache == "static" or (self.cache == "auto" and self.compile)
+        if static and input_ids.shape[1] % self.prompt_bucket:
+            extra = self.prompt_bucket - input_ids.shape[1] % self.prompt_bucket  # more left padding
+            input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=pad)
+            attention_mask = torch.nn.functional.pad(attention_mask, (extra, 0), value=0)
         B, P = input_ids.shape
         R = self.max_new_tokens
         if row_seeds is not None:
@@ -289,7 +301,6 @@ class StaticCacheGenerator:
         was_training = model.training
         model.eval()
         try:
-            static = self.cache == "static" or (self.cache == "auto" and self.compile)
             if static:
                 cache: Any = StaticCache(config=model.config, max_cache_len=P + R)
                 mask = torch.zeros(B, P + R, dtype=torch.long, device=device)  # (B, P+R): filled as tokens arrive
