@@ -8,7 +8,8 @@
 #   bash scripts/gpu_check.sh [SOURCE]     # SOURCE: folder or hub id with SmolLM2's config.json + tokenizer
 #                                          # (default models/smollm2-135m-instruct; its weights are not read)
 # Environment: OUT (logs, default /tmp/gpu_check), STRATEGIES (default "fsdp deepspeed_stage_2 deepspeed_stage_3"),
-# METHODS (default "dpo ppo"), JOBS (runs at once, default 3), STEPS (DPO steps, 8), ITERS (PPO iterations, 3),
+# METHODS (default "dpo ppo ppo_static"; ppo_static = PPO with the static-cache rollout engine reusing its log-probs,
+# compiled decode step, run only under strategies that do not shard parameters: ddp, deepspeed_stage_2), JOBS (runs at once, default 3), STEPS (DPO steps, 8), ITERS (PPO iterations, 3),
 # RUN_TIMEOUT (seconds per run, 240), PYTEST (1: also run the gpu tests), EXTRA (more CLI arguments for every run).
 # Needs deepspeed for the DeepSpeed runs. The plumbing can be tried on a CPU with a tiny model:
 #   STRATEGIES=ddp PYTEST=0 EXTRA="--trainer.accelerator=cpu --trainer.precision=32" \
@@ -20,7 +21,7 @@ set -uo pipefail
 SOURCE=${1:-models/smollm2-135m-instruct}
 OUT=${OUT:-/tmp/gpu_check}
 STRATEGIES=${STRATEGIES:-fsdp deepspeed_stage_2 deepspeed_stage_3}
-METHODS=${METHODS:-dpo ppo}
+METHODS=${METHODS:-dpo ppo ppo_static}
 JOBS=${JOBS:-3}
 STEPS=${STEPS:-8}
 ITERS=${ITERS:-3}
@@ -60,6 +61,9 @@ port=29600
 for m in $METHODS; do
   for s in $STRATEGIES; do
     port=$((port + 1))
+    if [ "$m" = ppo_static ] && [ "$s" != deepspeed_stage_2 ] && [ "$s" != ddp ]; then
+      continue  # refused under FSDP / ZeRO-3 (checked in tests/test_gpu_strategies.py)
+    fi
     if [ "$m" = dpo ]; then
       run "dpo_$s" $port -c configs/dpo/smollm2.yaml -c "configs/strategy/$s.yaml" \
         --model.init_args.model_name_or_path="$MODEL" --model.init_args.lr=1e-5 --model.init_args.warmup_steps=0 \
@@ -67,12 +71,15 @@ for m in $METHODS; do
         --data.init_args.batch_size=8 --data.init_args.max_train_rows=256 --data.init_args.max_val_rows=64 \
         "--trainer.callbacks+=$(summary_cb "dpo_$s")" &
     else
-      run "ppo_$s" $port -c configs/ppo/smollm2.yaml -c "configs/strategy/$s.yaml" \
+      engine=()
+      [ "$m" = ppo_static ] && engine=(--model.init_args.rollout_engine=static
+        --model.init_args.reuse_rollout_logprobs=true --model.init_args.rollout_compile=true)
+      run "${m}_$s" $port -c configs/ppo/smollm2.yaml -c "configs/strategy/$s.yaml" "${engine[@]}" \
         --model.init_args.model_name_or_path="$MODEL" --model.init_args.reward_model_name_or_path="$MODEL" \
         --model.init_args.max_iterations="$ITERS" --model.init_args.critic_warmup_iters=0 \
         --model.init_args.max_new_tokens=64 --model.init_args.mini_batch_size=16 --model.init_args.lr=1e-5 \
         --data.init_args.batch_size=32 --data.init_args.max_train_rows=256 \
-        "--trainer.callbacks=[{\"class_path\": \"callbacks.adaptive_kl.AdaptiveKLController\", \"init_args\": {\"target\": 6.0, \"horizon\": 10000}}, $(summary_cb "ppo_$s")]" &
+        "--trainer.callbacks=[{\"class_path\": \"callbacks.adaptive_kl.AdaptiveKLController\", \"init_args\": {\"target\": 6.0, \"horizon\": 10000}}, $(summary_cb "${m}_$s")]" &
     fi
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done
   done
