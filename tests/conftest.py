@@ -46,3 +46,18 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run a test from an empty temporary directory (CLI runs write runs/ there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A tiny random Llama (vocabulary 64; pad 0, bos 1, eos 2) in train mode, for the generation tests."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.train()
+    return model

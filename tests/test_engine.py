@@ -16,29 +16,10 @@ from lightning_rlhf.rollout.engine import (
 from lightning_rlhf.rollout.generation import Generator, HFGenerator
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
 
-PAD, BOS, EOS = 0, 1, 2
+# special ids of conftest's tiny_llama fixture and the left-padding helper of the HF-generator tests
+from tests.test_generation import BOS, EOS, PAD, _left_pad
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.train()
-    return model
-
-
-def _left_pad(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def _prompts(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,24 +7,10 @@ import torch
 
 from lightning_rlhf.rollout.generation import GenerationOutput, Generator, HFGenerator, response_lengths, truncate_at_eos
 
-PAD, BOS, EOS = 0, 1, 2
+PAD, BOS, EOS = 0, 1, 2  # the special ids of conftest's tiny_llama fixture
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.train()
-    return model
 
 
 def _left_pad(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
-from lightning_rlhf.rollout.generation import GenerationOutput, _current_rank
+from lightning_rlhf.rollout.generation import GenerationOutput, SamplingSettings
 
 CacheKind = Literal["auto", "static", "dynamic"]
 
@@ -127,7 +127,7 @@ def sample_tokens(
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
 
 
-class StaticCacheGenerator:
+class StaticCacheGenerator(SamplingSettings):
     """Rollout generation with a preallocated KV cache and an own, sync-free decode loop (see the module docstring).
 
     Args:
@@ -170,14 +170,9 @@ class StaticCacheGenerator:
         prompt_bucket: int = 64,
         synced_gpus: bool = False,
     ) -> None:
-        if max_new_tokens <= 0:
-            raise ValueError(f"StaticCacheGenerator: max_new_tokens must be positive, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError("StaticCacheGenerator: temperature must be > 0 when do_sample=True (greedy: do_sample=False)")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"StaticCacheGenerator: top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"StaticCacheGenerator: top_k must be >= 0, got {top_k}")
+        super().__init__(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                         pad_to_max_new_tokens=pad_to_max_new_tokens, synced_gpus=synced_gpus)
         if cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"StaticCacheGenerator: cache must be auto, static or dynamic, got {cache!r}")
         if compile and cache == "dynamic":
@@ -186,43 +181,13 @@ class StaticCacheGenerator:
             raise ValueError(f"StaticCacheGenerator: prompt_bucket must be >= 1, got {prompt_bucket}")
         if check_every < 1:
             raise ValueError(f"StaticCacheGenerator: check_every must be >= 1, got {check_every}")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.do_sample = do_sample
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.seed = seed
-        self.pad_to_max_new_tokens = pad_to_max_new_tokens
         self.compile = compile
         self.cache = cache
         self.check_every = check_every
         self.prompt_bucket = prompt_bucket
-        self.synced_gpus = synced_gpus
-        self._calls = 0
         self._compiled: dict[int, Callable[..., torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
-    def _eos_pad(self, model: torch.nn.Module) -> tuple[list[int], int]:
-        eos: Any = self.eos_token_id
-        if eos is None:
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            if eos is None:
-                eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-        if eos is None:
-            raise ValueError("StaticCacheGenerator: no eos_token_id given and the model config has none")
-        eos_list = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-        pad = self.pad_token_id if self.pad_token_id is not None else eos_list[0]
-        return eos_list, int(pad)
-
-    def _call_seed(self, seed: Optional[int]) -> Optional[int]:
-        if seed is not None:
-            return int(seed)
-        if self.seed is None:
-            return None
-        return (self.seed * 1_000_003 + _current_rank() * 7_919 + self._calls) % (2**63 - 1)
-
     def _step_fn(self, model: torch.nn.Module) -> Callable[..., torch.Tensor]:
         """``(ids (B, n), mask (B, P+R), position_ids (B, n), cache) -> last-position logits (B, V)``."""
 
@@ -276,7 +241,7 @@ class StaticCacheGenerator:
 
         if attention_mask.shape[1] and not bool(attention_mask[:, -1].all()):
             raise ValueError("StaticCacheGenerator.generate: prompts must be LEFT-padded (attention_mask[:, -1] has zeros)")
-        eos_list, pad = self._eos_pad(model)
+        eos_list, pad = self.resolve_eos_pad(model)
         call_seed = self._call_seed(seed)
         self._calls += 1
         device = input_ids.device

@@ -110,7 +110,70 @@ def _current_rank() -> int:
     return 0
 
 
-class HFGenerator:
+class SamplingSettings:
+    """What every generator shares: the sampling arguments (validated), EOS / pad resolution and per-call seeds.
+
+    Args: see :class:`HFGenerator`.
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        do_sample: bool = True,
+        eos_token_id: Optional[Union[int, list[int]]] = None,
+        pad_token_id: Optional[int] = None,
+        seed: Optional[int] = None,
+        pad_to_max_new_tokens: bool = False,
+        synced_gpus: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        if max_new_tokens <= 0:
+            raise ValueError(f"{name}: max_new_tokens must be positive, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"{name}: temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"{name}: top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"{name}: top_k must be >= 0, got {top_k}")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.do_sample = do_sample
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.pad_to_max_new_tokens = pad_to_max_new_tokens
+        self.synced_gpus = synced_gpus
+        self._calls = 0
+
+    def resolve_eos_pad(self, model: torch.nn.Module) -> tuple[list[int], int]:
+        """``(EOS ids, pad id)``: the given ones, else the model's generation config / config; pad defaults to the
+        first EOS id."""
+        eos = self.eos_token_id
+        if eos is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            if eos is None:
+                eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+        if eos is None:
+            raise ValueError(f"{type(self).__name__}: no eos_token_id given and the model config has none")
+        eos_list = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        pad = self.pad_token_id if self.pad_token_id is not None else eos_list[0]
+        return eos_list, int(pad)
+
+    def _call_seed(self, seed: Optional[int]) -> Optional[int]:
+        """The seed of this call: the explicit one, else derived from (base seed, rank, call index)."""
+        if seed is not None:
+            return int(seed)
+        if self.seed is None:
+            return None
+        return (self.seed * 1_000_003 + _current_rank() * 7_919 + self._calls) % (2**63 - 1)
+
+
+class HFGenerator(SamplingSettings):
     """Sampling with ``transformers``' ``model.generate`` (KV cache on, left-padded prompts).
 
     Args:
@@ -128,54 +191,16 @@ class HFGenerator:
             forward passes).
     """
 
-    def __init__(
-        self,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        do_sample: bool = True,
-        eos_token_id: Optional[Union[int, list[int]]] = None,
-        pad_token_id: Optional[int] = None,
-        seed: Optional[int] = None,
-        pad_to_max_new_tokens: bool = False,
-        synced_gpus: bool = False,
-    ) -> None:
-        if max_new_tokens <= 0:
-            raise ValueError(f"HFGenerator: max_new_tokens must be positive, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError("HFGenerator: temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.do_sample = do_sample
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.seed = seed
-        self.pad_to_max_new_tokens = pad_to_max_new_tokens
-        self.synced_gpus = synced_gpus
-        self._calls = 0
-
-    def _generation_kwargs(self, model: torch.nn.Module) -> tuple[dict, Union[int, list[int]], int]:
-        """``(generate kwargs, eos id(s), pad id)``; a full ``GenerationConfig`` overrides the model's defaults."""
+    def _generation_kwargs(self, model: torch.nn.Module) -> tuple[dict, list[int], int]:
+        """``(generate kwargs, eos ids, pad id)``; a full ``GenerationConfig`` overrides the model's defaults."""
         from transformers import GenerationConfig
 
-        eos = self.eos_token_id
-        if eos is None:
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            if eos is None:
-                eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-        if eos is None:
-            raise ValueError("HFGenerator: no eos_token_id given and the model config has none")
-        pad = self.pad_token_id
-        if pad is None:
-            pad = eos if isinstance(eos, int) else list(eos)[0]
+        eos, pad = self.resolve_eos_pad(model)
         cfg: dict = dict(
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=0,
             do_sample=self.do_sample,
-            eos_token_id=eos,
+            eos_token_id=eos[0] if len(eos) == 1 else eos,
             pad_token_id=pad,
             use_cache=True,
             num_beams=1,
@@ -185,14 +210,6 @@ class HFGenerator:
         if self.do_sample:
             cfg.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return dict(generation_config=GenerationConfig(**cfg), synced_gpus=self.synced_gpus), eos, pad
-
-    def _call_seed(self, seed: Optional[int]) -> Optional[int]:
-        """The seed of this call: the explicit one, else derived from (base seed, rank, call index)."""
-        if seed is not None:
-            return int(seed)
-        if self.seed is None:
-            return None
-        return (self.seed * 1_000_003 + _current_rank() * 7_919 + self._calls) % (2**63 - 1)
 
     @torch.no_grad()
     def generate(
