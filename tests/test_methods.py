@@ -130,3 +130,43 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path):
     # equal up to float summation order (Adam's g / sqrt(v) amplifies it slightly for tiny gradients)
     for n, p in results[0].items():
         torch.testing.assert_close(p, results[1][n], atol=1e-5, rtol=1e-4)
+
+
+def test_train_metrics_reach_the_logger_as_if_logged_every_step(tmp_path, monkeypatch):
+    """self.log runs only on logging steps (a cost saving): the logger receives exactly what it receives when every
+    step logs, and the last step's values are in callback_metrics."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(name: str, every_step: bool) -> tuple[list[dict[str, str]], float, list[int]]:
+        torch.manual_seed(0)
+        module = RewardModelModule(lr=1e-3, export_dir=None)
+        calls: list[int] = []
+        original = module.log_train_step
+
+        def spy(*args, **kwargs):
+            calls.append(module.trainer.global_step)
+            return original(*args, **kwargs)
+
+        module.log_train_step = spy  # type: ignore[method-assign]
+        if every_step:
+            monkeypatch.setattr(RewardModelModule, "is_logging_step", lambda self: True)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, log_every_n_steps=2, limit_val_batches=0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            logger=CSVLogger(tmp_path, name=name), default_root_dir=tmp_path)
+        dm = PreferenceDataModule(max_train_rows=16, batch_size=2, max_length=128, max_prompt_length=100,
+                                  skip_invalid_rows=True, seed=3)  # 8 batches an epoch: no epoch end in 5 steps
+        trainer.fit(module, datamodule=dm)
+        monkeypatch.undo()
+        with open(trainer.logger.experiment.metrics_file_path) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        return rows, float(trainer.callback_metrics["train/loss"]), calls
+
+    gated_rows, gated_last, gated_calls = run("gated", every_step=False)
+    every_rows, every_last, every_calls = run("every", every_step=True)
+    assert every_calls == [1, 2, 3, 4, 5] and gated_calls == [1, 2, 4, 5]  # first, every 2nd, last
+    assert [r["step"] for r in gated_rows] == [r["step"] for r in every_rows] and len(gated_rows) >= 2
+    for a, b in zip(gated_rows, every_rows):
+        assert float(a["train/loss"]) == pytest.approx(float(b["train/loss"]), abs=1e-6)
+    assert gated_last == pytest.approx(every_last, abs=1e-6)

@@ -102,6 +102,7 @@ def _overlay(tmp: Path, name: str, steps: int, signal_at: int = -1, signal_name:
     cfg = {
         "trainer": {
             "max_steps": steps, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False,
+            "log_every_n_steps": 1,  # the recorder reads every step's metrics (logged on logging steps only)
             "enable_model_summary": False, "callbacks": callbacks,
         },
     }

@@ -416,12 +416,33 @@ class RLHFModule(L.LightningModule):
         return grad_norm.detach()
 
     def _log_nonfinite(self) -> None:
-        if self._current_fx_name == "training_step":
+        if self._current_fx_name == "training_step" and self.is_logging_step():
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
     # --- strategies and non-finite guard: end ---
 
     def current_lr(self) -> float:
         return float(self.optimizers().optimizer.param_groups[0]["lr"])
+
+    def is_logging_step(self) -> bool:
+        """Whether this training step's per-step metrics are logged: the steps Lightning writes to the logger
+        (every ``trainer.log_every_n_steps`` optimizer steps), the first step, and the last batch of an epoch or of
+        ``trainer.max_steps``. Skipping ``self.log`` on the other steps saves its per-call cost (about 0.3 ms a
+        value, a few ms a step for a small model) without changing what reaches the logger; the progress bar and
+        ``trainer.callback_metrics`` then refresh on logging steps only."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        step, every = trainer.global_step, max(int(trainer.log_every_n_steps or 1), 1)
+        return (step % every == 0 or step <= 1 or trainer.is_last_batch or trainer.should_stop
+                or (trainer.max_steps > 0 and step >= trainer.max_steps))
+
+    def log_train_step(self, metrics: dict[str, Any], progress: dict[str, Any], batch_size: int) -> None:
+        """Log ``metrics`` (to the logger) and ``progress`` (progress bar only) of a training step, on logging steps
+        (:meth:`is_logging_step`)."""
+        if not self.is_logging_step():
+            return
+        self.log_dict(metrics, batch_size=batch_size)
+        self.log_dict(progress, prog_bar=True, logger=False, batch_size=batch_size)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

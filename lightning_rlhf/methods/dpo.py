@@ -146,20 +146,20 @@ class DPOModule(RLHFModule):
         grad_norm = self.optimizer_update(total)  # skips (or stops on) a non-finite loss / gradient
         self.iteration += 1
         h, cr, rr = torch.cat(hs), torch.cat(chosen), torch.cat(rejected)
-        acc = (h > 0).float().mean()
-        self.log_dict(
-            {
-                "train/loss": total,
-                "train/reward_accuracy": acc,
-                "train/chosen_reward": cr.mean(),
-                "train/rejected_reward": rr.mean(),
-                "train/margin": (cr - rr).mean(),
-                "train/grad_norm": grad_norm,
-                "train/lr": self.current_lr(),
-            },
-            batch_size=B,
-        )
-        self.log_dict({"loss": total, "acc": acc}, prog_bar=True, logger=False, batch_size=B)
+        if self.is_logging_step():
+            acc = (h > 0).float().mean()
+            self.log_train_step(
+                {
+                    "train/loss": total,
+                    "train/reward_accuracy": acc,
+                    "train/chosen_reward": cr.mean(),
+                    "train/rejected_reward": rr.mean(),
+                    "train/margin": (cr - rr).mean(),
+                    "train/grad_norm": grad_norm,
+                    "train/lr": self.current_lr(),
+                },
+                {"loss": total, "acc": acc}, batch_size=B,
+            )
         return total
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:

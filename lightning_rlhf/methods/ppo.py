@@ -244,6 +244,11 @@ class PPOModule(RLHFModule):
         self._ptx_iter: Optional[Iterator[TokenBatch]] = None
         self.reward_source: Optional[RewardSource] = None
 
+    def is_logging_step(self) -> bool:
+        """Always: a PPO training step is a whole iteration (its optimizer steps would not line up with Lightning's
+        logging interval), and the per-call logging cost is negligible beside it."""
+        return True
+
     # ------------------------------------------------------------------ models
     def build_models(self) -> None:
         """Policy, frozen reference, critic (separate backbone or a head on the policy), reward source."""

@@ -100,20 +100,20 @@ class RewardModelModule(RLHFModule):
         scores = torch.cat([r_w, r_l])
         grad_norm = self.optimizer_update(total, watch=scores)  # skips (or stops on) non-finite loss/rewards/grads
         self.iteration += 1
-        acc = (r_w > r_l).float().mean()
-        self.log_dict(
-            {
-                "train/loss": total,
-                "train/accuracy": acc,
-                "train/margin": (r_w - r_l).mean(),
-                "train/score_mean": scores.mean(),
-                "train/score_std": scores.std(),
-                "train/grad_norm": grad_norm,
-                "train/lr": self.current_lr(),
-            },
-            batch_size=B,
-        )
-        self.log_dict({"loss": total, "acc": acc}, prog_bar=True, logger=False, batch_size=B)
+        if self.is_logging_step():
+            acc = (r_w > r_l).float().mean()
+            self.log_train_step(
+                {
+                    "train/loss": total,
+                    "train/accuracy": acc,
+                    "train/margin": (r_w - r_l).mean(),
+                    "train/score_mean": scores.mean(),
+                    "train/score_std": scores.std(),
+                    "train/grad_norm": grad_norm,
+                    "train/lr": self.current_lr(),
+                },
+                {"loss": total, "acc": acc}, batch_size=B,
+            )
         return total
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:

@@ -59,12 +59,11 @@ class SFTModule(RLHFModule):
             total += loss.detach()
         grad_norm = self.optimizer_update(total)  # skips (or stops on) a non-finite loss / gradient
         self.iteration += 1
-        self.log_dict(
+        self.log_train_step(
             {"train/loss": total, "train/grad_norm": grad_norm, "train/lr": self.current_lr(),
              "train/tokens": num_tokens.float()},
-            prog_bar=False, batch_size=len(batch),
+            {"loss": total}, batch_size=len(batch),
         )
-        self.log("loss", total, prog_bar=True, logger=False, batch_size=len(batch))
         return total
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> None:
