@@ -171,7 +171,7 @@ def run_ours(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
                   dtype="float32", gradient_checkpointing=False, export_dir=None)
     if method == "dpo":
         module: L.LightningModule = DPOModule(beta=DPO_BETA, loss_type="sigmoid", precompute_ref_logprobs=False,
-                                              **common)
+                                              padding_free=bool(task.get("padding_free")), **common)
     elif method == "rm":
         module = RewardModelModule(**common)
     else:
@@ -416,7 +416,7 @@ def format_table(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"# model {s['model']} | {s['precision']} | batch {s['batch_size']} | fixed: prompt {s['prompt_len']} + "
         f"completion {s['completion_len']} tokens | real: {s['data']}"
         + (f" {s['domains']}" if s["domains"] else "") + f", <= {s['max_length']} tokens | warm-up {s['warmup']}, "
-        f"timed {s['steps']} | lr {s['lr']}",
+        f"timed {s['steps']} | lr {s['lr']}" + (" | ours: DPO padding-free" if s.get("padding_free") else ""),
     ]
     cols = ["method", "data", "side", "steps timed", "s/step (median)", "tokens/step", "tokens/s", "peak mem GiB",
             "ours/TRL tokens/s", "ours/TRL mem"]
@@ -460,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 = autocast over fp32 weights (ours: bf16-mixed, TRL: bf16=True)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--padding-free", action="store_true",
+                   help="our DPO scores each micro-batch's sequences packed into one row without padding")
     p.add_argument("--json", default=None, help="also save the header and records to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -506,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
                     task = {"method": method, "data": kind, "side": side, "rows_path": str(rows_path),
                             "model": args.model, "device": args.device, "precision": args.precision,
                             "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
-                            "lr": args.lr, "max_length": args.max_length, "seed": args.seed}
+                            "lr": args.lr, "max_length": args.max_length, "seed": args.seed,
+                            "padding_free": args.padding_free}
                     records.append(measure(task, tmp_dir))
                     r = records[-1]
                     print(f"  {method:<4} {kind:<6} {side:<5} {r['median_s']:.4f} s/step  "

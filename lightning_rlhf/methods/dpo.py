@@ -13,7 +13,12 @@ from lightning_rlhf.losses.preference import DPOLossType, DPOOutput, dpo_loss
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.preference_metrics import PairwiseMetrics
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
-from lightning_rlhf.rollout.scoring import sequence_logprobs
+from lightning_rlhf.rollout.scoring import (
+    pack_sequences,
+    packed_sequence_logprobs,
+    packed_sequences_supported,
+    sequence_logprobs,
+)
 
 
 class DPOModule(RLHFModule):
@@ -31,6 +36,11 @@ class DPOModule(RLHFModule):
         label_smoothing: Conservative-DPO label noise ``eps`` (``sigmoid`` only).
         precompute_ref_logprobs: Score every training and validation pair with the reference once before training,
             cache the log-probs, and free the reference model.
+        padding_free: Score each micro-batch's ``2B`` sequences as one row without padding (position ids restart per
+            sequence; transformers' packed-sequence attention keeps them apart), so no compute is spent on padding.
+            Needs a transformers version with packed-sequence masks (checked at start) and an attention
+            implementation that honours them (``sdpa``, ``eager``, ``flash_attention_2``). Same loss as the padded
+            batch up to float rounding (tests/test_packing.py).
         lr: Peak learning rate (DPO is usually run at 5e-7 to 5e-6 on pretrained models).
         micro_batch_size: Pairs per micro-batch (gradient accumulation inside a step).
     """
@@ -45,16 +55,22 @@ class DPOModule(RLHFModule):
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         precompute_ref_logprobs: bool = False,
+        padding_free: bool = False,
         lr: float = 5e-6,
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, **kwargs)
         if beta <= 0:
             raise ValueError(f"model.beta must be positive, got {beta}")
+        if padding_free and not packed_sequences_supported():
+            raise ValueError("model.padding_free needs a transformers version with packed-sequence attention masks "
+                             "(transformers.masking_utils.find_packed_sequence_indices); upgrade transformers or set "
+                             "model.padding_free: false")
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError(f"model.label_smoothing needs model.loss_type: sigmoid (got {loss_type!r})")
         self.ref_model_name_or_path = ref_model_name_or_path or self.model_name_or_path
         self.beta = beta
+        self.padding_free = padding_free
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.precompute_ref_logprobs = precompute_ref_logprobs
@@ -87,8 +103,16 @@ class DPOModule(RLHFModule):
             idx = batch.index.to(cache.device)
             return torch.cat([cache[idx, 0], cache[idx, 1]]).to(self.device)
         with torch.no_grad():
-            logits = self.lm_forward(self.reference, batch.input_ids, batch.attention_mask)
-            return sequence_logprobs(logits, batch.input_ids, batch.loss_mask)
+            return self.sequence_logps(self.reference, batch)
+
+    def sequence_logps(self, model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+        """``(2B,)`` summed response log-probs of the batch's sequences under ``model`` (padded or packed)."""
+        if self.padding_free:
+            packed = pack_sequences(batch.input_ids, batch.attention_mask, batch.loss_mask)
+            logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+            return packed_sequence_logprobs(logits, packed)
+        logits = self.lm_forward(model, batch.input_ids, batch.attention_mask)
+        return sequence_logprobs(logits, batch.input_ids, batch.loss_mask)
 
     @torch.no_grad()
     def _precompute(self, loader: DataLoader, size: int) -> torch.Tensor:
@@ -121,8 +145,7 @@ class DPOModule(RLHFModule):
     def dpo_outputs(self, batch: PreferenceBatch, split: str) -> DPOOutput:
         """Policy forward on the ``2B`` sequences and the DPO loss terms per pair."""
         B = batch.num_pairs
-        logits = self.lm_forward(self.policy, batch.input_ids, batch.attention_mask)
-        logps = sequence_logprobs(logits, batch.input_ids, batch.loss_mask)  # (2B,)
+        logps = self.sequence_logps(self.policy, batch)  # (2B,)
         ref = self._reference_logps(batch, split)
         return dpo_loss(
             logps[:B], logps[B:], ref[:B], ref[B:], beta=self.beta, loss_type=self.loss_type,
