@@ -4,7 +4,8 @@
 #   generation  bench/generation.py     hf vs static vs static+compile at batch 1, 64 and 256, 128 new tokens
 #   ppo         bench/ppo_iteration.py  one PPO iteration vs one TRL GRPO step, 64 prompts x 4, 128 new tokens:
 #               engine hf; static reusing the sampler's log-probs; the same with the decode step compiled
-#   train       bench/train_throughput.py  DPO, RM and SFT vs TRL, batch 8, 256 + 256 tokens, fixed and real text
+#   train       bench/train_throughput.py  DPO, RM and SFT vs TRL, batch 8, 256 + 256 tokens, fixed and real text;
+#               then DPO again with our padding_free packing
 # Each bench writes OUT/<bench>_<size>[_<variant>].txt (its table) and .json; progress.txt timestamps every start/end.
 #
 #   bash scripts/gpu_bench.sh [SOURCE]        # SOURCE: folder with SmolLM2's config.json + tokenizer
@@ -71,7 +72,9 @@ for size in $SIZES; do
         bench "ppo_${size}_compiled" bench/ppo_iteration.py "${common[@]}" "${PPO_ARGS[@]}" --engine static \
           --ppo-set reuse_rollout_logprobs=true rollout_compile=true --json "$OUT/ppo_${size}_compiled.json" ;;
       train)
-        bench "train_$size" bench/train_throughput.py "${common[@]}" "${TRAIN_ARGS[@]}" --json "$OUT/train_$size.json" ;;
+        bench "train_$size" bench/train_throughput.py "${common[@]}" "${TRAIN_ARGS[@]}" --json "$OUT/train_$size.json"
+        bench "train_${size}_padfree" bench/train_throughput.py "${common[@]}" "${TRAIN_ARGS[@]}" --methods dpo \
+          --padding-free --json "$OUT/train_${size}_padfree.json" ;;
       *) say "unknown bench $b (generation, ppo, train)" ;;
     esac
   done
