@@ -79,7 +79,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,10 +88,16 @@ from typing import Any, Callable
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train_throughput import git_state, machine, peak_memory_gib, resolved_model  # noqa: E402  (same folder)
+from train_throughput import (  # noqa: E402  (same folder)
+    RESULT_PREFIX,
+    git_state,
+    machine,
+    peak_memory_gib,
+    resolved_model,
+    run_worker,
+)
 
 SIDES = ("ours", "trl")
-RESULT_PREFIX = "BENCH_RESULT "
 TOKEN_TOLERANCE = 0.01  # largest allowed relative difference of generated tokens per iteration between the sides
 PHASES = ("generate", "score", "update", "other", "total")
 
@@ -527,16 +532,7 @@ def worker(task_path: str) -> None:
 # ------------------------------------------------------------------------------------------------------ parent
 def launch(task: dict[str, Any], task_dir: Path) -> tuple[dict[str, Any], float]:
     """Run one worker in a fresh Python process; its parsed result and its wall time."""
-    task_path = task_dir / f"{task['side']}.json"
-    task_path.write_text(json.dumps(task))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(task_path)],
-                          capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise SystemExit(f"Worker {task['side']} failed (exit code {proc.returncode}); last lines of its output:\n{tail}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):]), time.perf_counter() - t0
+    return run_worker(os.path.abspath(__file__), task["side"], task, task_dir)
 
 
 def summarise(side: str, raw: dict[str, Any], warmup: int, floor_s: float, wall_s: float) -> dict[str, Any]:

@@ -317,19 +317,24 @@ def worker(task_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ parent
-def measure(task: dict[str, Any], task_dir: Path) -> dict[str, Any]:
-    """Run one measurement in a fresh Python process and summarise it."""
-    name = f"{task['method']}_{task['data']}_{task['side']}"
+def run_worker(script: str, name: str, task: dict[str, Any], task_dir: Path) -> tuple[dict[str, Any], float]:
+    """Run ``script --worker <task file>`` in a fresh Python process (so its peak memory is its own); the JSON of its
+    last ``BENCH_RESULT`` line and its wall time. A failed worker stops the run with the tail of its output."""
     task_path = task_dir / f"{name}.json"
     task_path.write_text(json.dumps(task))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(task_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, script, "--worker", str(task_path)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         raise SystemExit(f"Worker {name} failed (exit code {proc.returncode}); last lines of its output:\n{tail}")
-    raw = json.loads(lines[-1][len(RESULT_PREFIX):])
+    return json.loads(lines[-1][len(RESULT_PREFIX):]), time.perf_counter() - t0
+
+
+def measure(task: dict[str, Any], task_dir: Path) -> dict[str, Any]:
+    """Run one measurement in a fresh Python process and summarise it."""
+    raw, wall_s = run_worker(os.path.abspath(__file__), f"{task['method']}_{task['data']}_{task['side']}", task,
+                             task_dir)
     W = task["warmup"]
     times, tokens = raw["step_times"][W:], raw["tokens"][W:]
     return {
@@ -338,7 +343,7 @@ def measure(task: dict[str, Any], task_dir: Path) -> dict[str, Any]:
         "tokens_per_step": statistics.fmean(tokens),
         "tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
         "peak_mem_gib": raw["peak_mem_gib"], "mem_kind": "GPU" if task["device"] == "cuda" else "RSS",
-        "step_times": raw["step_times"], "tokens": raw["tokens"], "worker_wall_s": round(time.perf_counter() - t0, 1),
+        "step_times": raw["step_times"], "tokens": raw["tokens"], "worker_wall_s": round(wall_s, 1),
     }
 
 

@@ -437,10 +437,8 @@ class RLHFModule(L.LightningModule):
                 or (trainer.max_steps > 0 and step >= trainer.max_steps))
 
     def log_train_step(self, metrics: dict[str, Any], progress: dict[str, Any], batch_size: int) -> None:
-        """Log ``metrics`` (to the logger) and ``progress`` (progress bar only) of a training step, on logging steps
-        (:meth:`is_logging_step`)."""
-        if not self.is_logging_step():
-            return
+        """Log ``metrics`` (to the logger) and ``progress`` (progress bar only) of a training step. Callers compute
+        and log them on logging steps only (``if self.is_logging_step(): ...``)."""
         self.log_dict(metrics, batch_size=batch_size)
         self.log_dict(progress, prog_bar=True, logger=False, batch_size=batch_size)
 

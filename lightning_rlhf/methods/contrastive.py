@@ -45,7 +45,7 @@ from lightning_rlhf.contrastive import (
     repair_part_file,
     write_baseline_file,
 )
-from lightning_rlhf.data.batches import PromptBatch
+from lightning_rlhf.data.batches import PromptBatch, pad_sequences
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.models.factory import load_causal_lm
@@ -261,14 +261,10 @@ class BaselineSamplerModule(RLHFModule):
         """
         assert isinstance(self.generator, StaticCacheGenerator), "sample_prompts needs model.rollout_engine: static"
         k = self.num_samples
-        rows = [ids for ids, _, _, _ in items for _ in range(k)]
-        width = max(len(r) for r in rows)
-        device = rows[0].device
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
+        rows = [ids.tolist() for ids, _, _, _ in items for _ in range(k)]
+        device = items[0][0].device
+        input_ids = pad_sequences(rows, self.tokenizer.pad_token_id, side="left").to(device)
+        mask = pad_sequences([[1] * len(r) for r in rows], 0, side="left").to(device)
         seeds = torch.tensor([sample_seed(self.seed, pid, j) for _, _, pid, _ in items for j in range(k)],
                              dtype=torch.long)
         gen = self.generator.generate(self.policy, input_ids, mask, row_seeds=seeds)

@@ -59,11 +59,12 @@ class SFTModule(RLHFModule):
             total += loss.detach()
         grad_norm = self.optimizer_update(total)  # skips (or stops on) a non-finite loss / gradient
         self.iteration += 1
-        self.log_train_step(
-            {"train/loss": total, "train/grad_norm": grad_norm, "train/lr": self.current_lr(),
-             "train/tokens": num_tokens.float()},
-            {"loss": total}, batch_size=len(batch),
-        )
+        if self.is_logging_step():
+            self.log_train_step(
+                {"train/loss": total, "train/grad_norm": grad_norm, "train/lr": self.current_lr(),
+                 "train/tokens": num_tokens.float()},
+                {"loss": total}, batch_size=len(batch),
+            )
         return total
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> None:

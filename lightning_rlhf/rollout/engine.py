@@ -29,7 +29,8 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
-from lightning_rlhf.rollout.generation import GenerationOutput, SamplingSettings
+from lightning_rlhf.rollout.generation import GenerationOutput, SamplingSettings, truncate_at_eos
+from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
 
 CacheKind = Literal["auto", "static", "dynamic"]
 
@@ -276,10 +277,9 @@ class StaticCacheGenerator(SamplingSettings):
             tokens = torch.full((B, R), pad, dtype=torch.long, device=device)  # (B, R)
             logprobs = torch.zeros(B, R, dtype=torch.float32, device=device)  # (B, R)
             finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+            positions = position_ids_from_attention_mask(attention_mask)  # (B, P)
             logits = step(input_ids, mask, positions, cache)  # prefill: (B, V)
             next_pos = positions[:, -1:] + 1  # (B, 1)
-            steps = R
             for t in range(R):
                 scaled = logits.float()
                 if self.do_sample and self.temperature != 1.0:
@@ -296,8 +296,7 @@ class StaticCacheGenerator(SamplingSettings):
                 logprobs[:, t] = torch.where(finished, 0.0, logp)
                 finished = finished | torch.isin(tok, eos_ids)
                 if t == R - 1 or ((t + 1) % self.check_every == 0 and self._all_finished(finished)):
-                    steps = t + 1
-                    break
+                    break  # early only when every row has its EOS: the columns not written are after it
                 if static:
                     mask[:, P + t] = 1
                 else:
@@ -306,15 +305,9 @@ class StaticCacheGenerator(SamplingSettings):
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)
-        # the step that wrote the last EOS: every later column is pad (action_mask 0)
-        is_eos = torch.isin(tokens, eos_ids)
-        eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
-        action_mask = (eos_before == 0).long()
-        action_mask[:, steps:] = 0
-        stopped = is_eos.any(dim=-1)
+        responses, action_mask, stopped = truncate_at_eos(tokens, eos_list, pad)  # (B, R), (B, R), (B,)
         width = R if self.pad_to_max_new_tokens else max(int(action_mask.sum(-1).max().item()) if B else 0, 1)
-        responses, action_mask, logprobs = tokens[:, :width], action_mask[:, :width], logprobs[:, :width]
-        responses = torch.where(action_mask.bool(), responses, torch.full_like(responses, pad))
+        responses, action_mask, logprobs = responses[:, :width], action_mask[:, :width], logprobs[:, :width]
         logprobs = logprobs * action_mask
         sequences = torch.cat([input_ids, responses], dim=1)
         full_mask = torch.cat([attention_mask.long(), action_mask], dim=1)

@@ -153,10 +153,7 @@ def score_token_index(
     if pad_token_id is None:
         return last_real
     keep = attention_mask.bool() & (input_ids != pad_token_id)
-    T = input_ids.shape[-1]
-    positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)
-    idx = torch.where(keep, positions, -1).max(-1).values
-    return torch.where(idx >= 0, idx, last_real)
+    return torch.where(keep.any(-1), last_token_index(keep), last_real)
 
 
 class PackedSequences(NamedTuple):
