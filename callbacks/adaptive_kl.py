@@ -59,6 +59,7 @@ class AdaptiveKLController(Callback):
         self.total_sequences = 0
         self.last_kl: Optional[float] = None
         self.last_error: Optional[float] = None
+        self.last_iteration: Optional[float] = None  # the module's iteration of the last statistics used
 
     @property
     def state_key(self) -> str:
@@ -111,6 +112,11 @@ class AdaptiveKLController(Callback):
         n = float(stats.get("num_sequences", 0.0)) if stats else 0.0
         if n <= 0:
             return
+        iteration = stats.get("iteration")
+        if iteration is not None:  # non-consuming statistics: update once per rollout
+            if self.last_iteration is not None and float(iteration) == self.last_iteration:
+                return
+            self.last_iteration = float(iteration)
         key = _STAT_KEY[self.kl_unit]
         if key not in stats:
             raise KeyError(f"AdaptiveKLController: last_rollout_stats() has no {key!r} (kl_unit={self.kl_unit!r})")
@@ -129,6 +135,7 @@ class AdaptiveKLController(Callback):
             "num_updates": self.num_updates,
             "total_sequences": self.total_sequences,
             "last_kl": self.last_kl,
+            "last_iteration": self.last_iteration,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -137,3 +144,4 @@ class AdaptiveKLController(Callback):
         self.num_updates = int(state_dict.get("num_updates", 0))
         self.total_sequences = int(state_dict.get("total_sequences", 0))
         self.last_kl = state_dict.get("last_kl")
+        self.last_iteration = state_dict.get("last_iteration")

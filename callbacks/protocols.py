@@ -7,7 +7,9 @@ checks ``isinstance(pl_module, Protocol)`` in ``setup`` and raises a ``TypeError
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Callable, Mapping, Protocol, runtime_checkable
+
+import torch
 
 
 @runtime_checkable
@@ -21,18 +23,21 @@ class KLControlled(Protocol):
     kl_coef: float
 
     def last_rollout_stats(self) -> Mapping[str, float]:
-        """Statistics of the rollouts since the previous call, ALREADY averaged across ranks.
+        """Statistics of the latest rollout, ALREADY averaged across ranks.
 
         The same values must be returned on every rank (so ranks that adapt a coefficient stay identical).
-        Calling it consumes the statistics: the next call only reports newer rollouts, and an empty mapping (or
-        ``num_sequences == 0``) means there was no rollout since the last call.
+        Reading does not consume them: several callbacks may read the same iteration's statistics. A module that
+        returns an ``iteration`` key lets a reader tell a new rollout from one it has already seen (the
+        ``AdaptiveKLController`` updates once per ``iteration`` value); without that key, a module must return an
+        empty mapping (or ``num_sequences == 0``) when there was no rollout since the previous call.
 
         Returns:
             A mapping with at least:
 
             - ``kl_seq_sum``: mean over sequences of the sum over response tokens of ``kl_t``;
             - ``kl_token_mean``: mean of ``kl_t`` over all response tokens;
-            - ``num_sequences``: number of sequences, summed over ranks, since the last call.
+            - ``num_sequences``: number of sequences of that rollout, summed over ranks;
+            - ``iteration`` (optional): the iteration the statistics belong to.
         """
         ...
 
@@ -50,3 +55,69 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     names = set(getattr(protocol, "__annotations__", {}))
     names |= {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
     return sorted(n for n in names if not hasattr(obj, n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The contract of methods that act in the middle of an iteration (GIL's group inference and adaptive exploration,
+# anything a user writes): a non-consuming view of the iteration's per-sample tensors, and hooks that annotate the
+# experience between the rollout and the advantages.
+# ---------------------------------------------------------------------------------------------------------------
+
+#: ``hook(view) -> annotations``: see :class:`ExperienceAnnotatable`.
+ExperienceHook = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+#: annotation keys the module itself acts on; any other key is stored and shown to later hooks and the method
+KL_SCALE = "kl_scale"
+SAMPLE_WEIGHT = "sample_weight"
+
+
+@runtime_checkable
+class ExperienceAnnotatable(Protocol):
+    """A module whose iterations show callbacks their per-sample rollout tensors and take per-sample annotations.
+
+    The view (``rollout_view()``) is a mapping of detached tensors over the rollouts of ALL ranks, in rank order
+    (``N`` = sum over ranks of the rank's rollouts), identical on every rank, so a callback that computes something
+    from it (a group head step, a per-sample coefficient) decides the same on every rank without communicating.
+    Reading it does not consume it: any number of callbacks may read it, and it stays until the next iteration's
+    rollout replaces it (``view["iteration"]`` says which iteration it belongs to).
+
+    Keys of the view, all with first dimension ``N`` unless said otherwise:
+
+    - ``iteration``: 0-dim long tensor, the module's iteration counter of the rollout;
+    - ``scores``: ``(N,)`` raw sequence scores from the reward source;
+    - ``shaped_scores``: ``(N,)`` scores after the method's transform, normalisation and penalties;
+    - ``kl``: ``(N,)`` per-sequence sum over response tokens of ``kl_t`` (the unit of ``kl_coef``);
+    - ``returns``: ``(N,)`` sequence return ``shaped_scores - kl_coef * kl`` with the module's scalar ``kl_coef``;
+    - ``lengths``: ``(N,)`` response lengths in tokens;
+    - ``domain_ids``: ``(N,)`` long, index of the data's ``domain`` column (0 when the data has none);
+    - ``features``: ``(N, H)`` float32 per-rollout features (e.g. a hidden state at the last response token); only
+      present when a hook was registered with ``needs_features=True``;
+    - after the hooks ran: every annotation they returned, and ``kl_coef``: ``(N,)`` the per-sample coefficient used.
+
+    Hooks run once per iteration, after the scores are shaped and the per-token KL is known and before the token
+    rewards and advantages, in registration order; each sees the view updated with the annotations of the hooks
+    before it. A hook returns a mapping of ``(N, ...)`` tensors. Keys the module acts on:
+
+    - ``kl_scale`` (:data:`KL_SCALE`): ``(N,)`` multiplies the per-sample KL coefficient. The coefficient of sample
+      ``i`` is ``kl_coef * prod_hooks kl_scale_i``, where ``kl_coef`` is the module's scalar coefficient (the one an
+      adaptive-KL controller sets; composition, never replacement);
+    - ``sample_weight`` (:data:`SAMPLE_WEIGHT`): ``(N,)`` multiplies sample ``i``'s term of the policy loss (weights of
+      several hooks multiply).
+
+    Any other key (e.g. ``group_posterior`` ``(N, M)``) is kept in the view and in the experience's extras (this
+    rank's rows) for the method and for later hooks.
+    """
+
+    def rollout_view(self) -> Mapping[str, torch.Tensor]:
+        """The current iteration's per-sample view (see the class docstring); empty before the first rollout."""
+        ...
+
+    def register_experience_hook(self, name: str, hook: ExperienceHook, needs_features: bool = False) -> None:
+        """Register ``hook`` under ``name`` (registering a name again replaces that hook, keeping its place).
+
+        Args:
+            name: a unique name, e.g. the callback's class name.
+            hook: called once per iteration with the view; returns per-sample annotations.
+            needs_features: the module must then compute and add ``features`` to the view.
+        """
+        ...

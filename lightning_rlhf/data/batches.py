@@ -120,3 +120,43 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+@dataclass
+class SampleSetBatch:
+    """``B`` prompts with ``k`` responses each (a sample set: e.g. MetaRM's meta batch of policy samples), stored as
+    ``B * k`` prompt + response sequences: row ``b * k + j`` is response ``j`` of prompt ``b`` (rows of one prompt are
+    adjacent)."""
+
+    input_ids: torch.Tensor  # (B*k, T) prompt + response
+    attention_mask: torch.Tensor  # (B*k, T) 1 on real tokens
+    loss_mask: torch.Tensor  # (B*k, T) 1 on response tokens
+    domain_ids: torch.Tensor  # (B,) index into the data module's domain_names
+    num_samples: int = 1  # k
+    prompt_ids: list[str] = field(default_factory=list)  # (B,) stable ids (sha256 of the prompt text)
+    scores: torch.Tensor | None = None  # (B*k,) scores stored in the sample-set file, when it has them
+    index: torch.Tensor | None = None  # (B,) dataset row indices
+
+    @property
+    def num_prompts(self) -> int:
+        return self.domain_ids.shape[0]
+
+    def __len__(self) -> int:
+        return self.num_prompts
+
+    def slice(self, start: int, stop: int) -> "SampleSetBatch":
+        """Prompts ``start:stop`` (a micro-batch) with all ``k`` responses of each, without the padding columns that
+        all of its rows share."""
+        k = self.num_samples
+        rows = slice(start * k, stop * k)
+        cols = occupied_columns(self.attention_mask[rows])
+        return SampleSetBatch(
+            self.input_ids[rows, cols],
+            self.attention_mask[rows, cols],
+            self.loss_mask[rows, cols],
+            self.domain_ids[start:stop],
+            k,
+            list(self.prompt_ids[start:stop]),
+            None if self.scores is None else self.scores[rows],
+            None if self.index is None else self.index[start:stop],
+        )

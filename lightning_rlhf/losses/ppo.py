@@ -109,11 +109,13 @@ def policy_loss(
     action_mask: torch.Tensor,
     clip_eps: float = 0.2,
     normalizer: Optional[Union[torch.Tensor, float]] = None,
+    sample_weights: Optional[torch.Tensor] = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate loss (spec 1.4 step 5).
 
     ``ratio = exp(logprobs - old_logprobs)``;
-    ``L_pg = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
+    ``L_pg = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``; with per-sample weights ``w_i``
+    every token of row ``i`` is weighted by ``w_i`` (the normaliser stays the token count: weights of 1 change nothing).
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy (with grad).
@@ -122,9 +124,10 @@ def policy_loss(
         action_mask: ``(B, T)`` response-token mask.
         clip_eps: ratio clip range ``eps``.
         normalizer: divide the masked sum by this instead of the number of masked tokens (see module doc).
+        sample_weights: ``(B,)`` per-sample weights of the loss (e.g. a callback's ``sample_weight``); ``None`` = 1.
 
     Returns:
-        :class:`PolicyLossOutput`.
+        :class:`PolicyLossOutput` (``per_sample_surrogate`` is unweighted).
     """
     mask = action_mask != 0
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); 0 off-mask
@@ -132,10 +135,14 @@ def policy_loss(
     surr = advantages * ratio  # (B, T)
     surr_clipped = advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
     objective = torch.minimum(surr, surr_clipped)  # (B, T)
-    if normalizer is None:
-        loss = -masked_mean(objective, action_mask)
+    if sample_weights is not None:
+        weighted = objective * sample_weights.to(objective.dtype).unsqueeze(-1)  # (B, T)
     else:
-        loss = -masked_sum(objective, action_mask) / normalizer
+        weighted = objective
+    if normalizer is None:
+        loss = -masked_mean(weighted, action_mask)
+    else:
+        loss = -masked_sum(weighted, action_mask) / normalizer
     with torch.no_grad():
         clip_frac = masked_mean((surr_clipped < surr).to(logprobs.dtype), action_mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, action_mask)
