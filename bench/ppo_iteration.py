@@ -5,6 +5,7 @@ completions per prompt, the same number of new tokens per completion and the sam
 one optimizer step per iteration:
 
     OMP_NUM_THREADS=1 python bench/ppo_iteration.py                      # CPU, built-in tiny Llama, fp32
+    OMP_NUM_THREADS=1 python bench/ppo_iteration.py --ours grpo          # our critic-free GRPO vs TRL's, like for like
     python bench/ppo_iteration.py --model /tmp/smollm2-135m-random --device cuda --precision bf16 \\
         --prompts 64 --completions 4 --new-tokens 128 --prompt-len 64 --warmup 2 --iters 5
 
