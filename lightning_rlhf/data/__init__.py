@@ -5,10 +5,12 @@ from lightning_rlhf.data.batches import PreferenceBatch, PromptBatch, SampleSetB
 from lightning_rlhf.data.modules import DemonstrationDataModule, PreferenceDataModule, PromptDataModule
 from lightning_rlhf.data.modules import SampleSetDataModule
 from lightning_rlhf.data.sources import DataValidationError
+from lightning_rlhf.data.streams import MultiStreamDataModule
 
 __all__ = [
     "DataValidationError",
     "DemonstrationDataModule",
+    "MultiStreamDataModule",
     "PreferenceBatch",
     "PreferenceDataModule",
     "PromptBatch",
