@@ -137,6 +137,53 @@ def test_the_cli_parses_streams_from_yaml(in_tmp):
 
 
 # ---------------------------------------------------------------------------------------------------- PPO + ptx
+class _Capture(L.Callback):
+    """Keeps each step's ptx batch, the policy weights before the step and the step's outputs."""
+
+    def __init__(self) -> None:
+        self.ptx: list[Any] = []
+        self.policy: list[dict[str, torch.Tensor]] = []
+        self.outputs: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ptx.append(batch["ptx"])
+        self.policy.append({k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append({k: float(v) for k, v in outputs.items()})
+
+
+def test_ppo_ptx_term_is_the_nll_of_each_minibatch_slice_of_the_ptx_batch(tmp_path):
+    """4 rollouts in minibatches of 2 (2 optimizer steps) and a ptx batch of 4 rows: step i adds the token-mean NLL
+    of ptx rows [2i, 2i+2). With a vanishing policy lr (1e-30) the policy does not move, so the logged ptx/loss is
+    the mean of the two slices' NLLs under the initial policy, recomputed here with a plain log-softmax."""
+    from lightning_rlhf.data import DemonstrationDataModule, PromptDataModule
+    from lightning_rlhf.methods import PPOModule
+
+    module = PPOModule(model_name_or_path="builtin:tiny-llama", reward_fn={
+        "class_path": "lightning_rlhf.rewards.TokenCountReward", "init_args": {"token": "e"}}, lr=1e-30,
+        critic_lr=1e-3, ppo_epochs=1, mini_batch_size=2, micro_batch_size=2, max_new_tokens=8, log_samples_every_n=0,
+        export_dir=None, ptx_coef=0.5, max_iterations=2)
+    rows = dict(train_path="builtin:hh-rlhf", max_prompt_length=48, skip_invalid_rows=True, max_train_rows=8)
+    dm = MultiStreamDataModule(streams={"prompts": PromptDataModule(batch_size=4, **rows),
+                                        "ptx": DemonstrationDataModule(batch_size=4, max_length=96, **rows)})
+    capture = _Capture()
+    _trainer(tmp_path, max_steps=-1, enable_checkpointing=False, callbacks=[capture]).fit(module, dm)
+    assert len(capture.outputs) == 2
+    for ptx, weights, out in zip(capture.ptx, capture.policy, capture.outputs):
+        module.policy.load_state_dict(weights)
+        nlls = []
+        for lo, hi in ((0, 2), (2, 4)):
+            ids, mask, loss_mask = ptx.input_ids[lo:hi], ptx.attention_mask[lo:hi], ptx.loss_mask[lo:hi]
+            with torch.no_grad():
+                logits = module.policy(input_ids=ids, attention_mask=mask).logits.double()  # right padding
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            m = loss_mask[:, 1:].double()
+            nlls.append(float(-(logp * m).sum() / m.sum()))
+        assert out["ptx/loss"] == pytest.approx(sum(nlls) / 2, abs=1e-4)
+    assert capture.ptx[0].input_ids.shape[0] == 4
+
+
 class StreamStepRecorder(StepRecorder):
     """:class:`tests.test_resume.StepRecorder` for dict batches: the prompt ids of the ``prompts`` stream, and the
     rows (token sums) of the ``ptx`` batch under ``ptx_rows``."""
