@@ -137,6 +137,22 @@ def test_the_cli_parses_streams_from_yaml(in_tmp):
 
 
 # ---------------------------------------------------------------------------------------------------- PPO + ptx
+def test_old_ptx_data_key_and_a_missing_ptx_stream_are_refused_naming_the_ptx_stream(tmp_path):
+    from lightning_rlhf.data import PromptDataModule
+    from lightning_rlhf.methods import PPOModule
+
+    reward = {"class_path": "lightning_rlhf.rewards.TokenCountReward", "init_args": {"token": "e"}}
+    with pytest.raises(ValueError, match="model.ptx_data was replaced by a `ptx` data stream.*MultiStreamDataModule"):
+        PPOModule(model_name_or_path="builtin:tiny-llama", reward_fn=reward, ptx_coef=0.1, ptx_data={"batch_size": 2})
+    module = PPOModule(model_name_or_path="builtin:tiny-llama", reward_fn=reward, ptx_coef=0.1, export_dir=None)
+    assert module.required_streams == ("prompts", "ptx")
+    prompts = dict(train_path="builtin:hh-rlhf", max_prompt_length=48, skip_invalid_rows=True, max_train_rows=8)
+    with pytest.raises(ValueError, match=r"needs the data stream\(s\) \['ptx'\]"):  # a MultiStream without ptx
+        _trainer(tmp_path, max_steps=1).fit(module, MultiStreamDataModule(streams={"prompts": PromptDataModule(**prompts)}))
+    with pytest.raises(ValueError, match="ptx_coef > 0 needs a `ptx` data stream"):  # a plain prompt data module
+        _trainer(tmp_path, max_steps=1).fit(module, PromptDataModule(**prompts))
+
+
 class _Capture(L.Callback):
     """Keeps each step's ptx batch, the policy weights before the step and the step's outputs."""
 
@@ -219,11 +235,10 @@ def _ptx_overlay(tmp: Path, name: str, signal_at: int = -1) -> list[str]:
     return [*args, "--trainer.max_steps=-1"]
 
 
-@pytest.mark.slow
 def test_ppo_with_a_ptx_stream_sigkilled_and_resumed_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     """A reference run, a CLI subprocess SIGKILLed before iteration 3, and its resume: the same scores, losses (ptx
-    included), KL, moments, data rows of both streams and final weights. About 110 s on a busy 2-core machine (the
-    data side alone is covered, unmarked, by test_resume_from_a_checkpoint_continues_every_stream)."""
+    included), KL, moments, data rows of both streams and final weights. 110 s on a 2-core machine shared by 6
+    jobs, where tests/test_resume.py's PPO SIGKILL test (same machinery, 4 iterations) took 180 s."""
     from lightning_rlhf.cli import main
 
     monkeypatch.chdir(tmp_path)
