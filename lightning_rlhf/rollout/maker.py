@@ -27,7 +27,7 @@ from lightning_rlhf.data.batches import PromptBatch
 from lightning_rlhf.rewards import RewardInput, RewardSource
 from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.experience import Experience
-from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
+from lightning_rlhf.rollout.generation import GenerationOutput, HFGenerator, response_lengths
 from lightning_rlhf.rollout.scoring import last_token_index, position_ids_from_attention_mask, token_logprobs
 
 FeatureSource = Literal["critic", "policy"]
@@ -80,6 +80,36 @@ def last_token_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
     """
     idx = last_token_index(attention_mask)  # (B,)
     return hidden.detach()[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
+
+
+def wrap_generation(
+    gen: GenerationOutput,
+    prompt_ids: list[str],
+    prompts: list[str],
+    domains: list[str],
+    domain_ids: Optional[torch.Tensor] = None,
+) -> Experience:
+    """An ``Experience`` of a generator's output, with the per-row data a reward source reads in its extras.
+
+    Args:
+        gen: what a generator returned for ``B`` rows.
+        prompt_ids: ``B`` stable prompt ids, one per row.
+        prompts: ``B`` prompt texts.
+        domains: ``B`` domain labels.
+        domain_ids: ``(B,)`` domain indices, when known.
+
+    Returns:
+        The experience (``sequences``, masks, ``prompt_length``); extras ``prompt_ids``, ``prompts``, ``domains``,
+        ``domain_ids`` (when given), ``stopped_by_eos`` and ``rollout_logprobs`` (when the engine records them).
+    """
+    extras: dict[str, Any] = {"prompt_ids": prompt_ids, "prompts": prompts, "domains": domains}
+    if domain_ids is not None:
+        extras["domain_ids"] = domain_ids
+    extras["stopped_by_eos"] = gen.stopped_by_eos
+    if gen.logprobs is not None:
+        extras["rollout_logprobs"] = gen.logprobs
+    return Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=gen.action_mask,
+                      prompt_length=gen.prompt_length, extras=extras)
 
 
 class ExperienceMaker:
@@ -141,15 +171,8 @@ class ExperienceMaker:
             return [v for v in values for _ in range(k)]
 
         gen = self.generator.generate(policy, input_ids, attention_mask, seed=seed)
-        extras: dict[str, Any] = {
-            "prompt_ids": rows(list(batch.prompt_ids)), "prompts": rows(list(batch.prompts)),
-            "domains": rows(list(batch.domains)), "domain_ids": batch.domain_ids.repeat_interleave(k, dim=0),
-            "stopped_by_eos": gen.stopped_by_eos,
-        }
-        if gen.logprobs is not None:
-            extras["rollout_logprobs"] = gen.logprobs
-        return Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=gen.action_mask,
-                          prompt_length=gen.prompt_length, extras=extras)
+        return wrap_generation(gen, rows(list(batch.prompt_ids)), rows(list(batch.prompts)), rows(list(batch.domains)),
+                               batch.domain_ids.repeat_interleave(k, dim=0))
 
     # ------------------------------------------------------------------ 2. forward passes
     @torch.no_grad()
