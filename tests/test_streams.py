@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +263,50 @@ def test_ppo_with_a_ptx_stream_sigkilled_and_resumed_matches_the_uninterrupted_r
     assert all(r["metrics"][4] > 0 for r in reference)  # ptx/loss
     _assert_same_run(records, reference)
     _assert_same_weights(tmp_path / "run_export", tmp_path / "ref_export")
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning as L
+from tests.test_streams import _Recorder, _stream
+from lightning_rlhf.data import MultiStreamDataModule
+
+out, ckpt = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None
+dm = MultiStreamDataModule(streams={"a": _stream(8, 1, 0), "b": _stream(6, 1, 5)})
+module = _Recorder()
+saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=out + "/ck", every_n_train_steps=1, save_top_k=-1)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, limit_val_batches=0,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[saver], default_root_dir=out)
+trainer.fit(module, dm, ckpt_path=ckpt)
+with open(f"{out}/rank{trainer.global_rank}{'_resumed' if ckpt else ''}.json", "w") as f:
+    json.dump(module.seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_share_every_stream_like_one_process_and_resume(tmp_path):
+    """2 gloo ranks with per-rank batch 1: at every step, rank 0's and rank 1's rows of each stream are the 1-process
+    batch of 2 (the streams' global orders do not depend on the number of ranks); a 2-rank resume from the step-5
+    checkpoint repeats steps 6-8. Two 2-process launches: about 2 minutes on a busy 2-core machine."""
+    from tests.test_ddp import subprocess_env
+
+    one = _Recorder()
+    _trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(one, _streams())
+    script = tmp_path / "ddp_streams.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step, (r0, r1, whole) in enumerate(zip(*ranks, one.seen)):
+        for name in ("a", "b"):
+            assert r0[name] + r1[name] == whole[name], (step, name)
+    assert len(ranks[0]) == len(one.seen) == 8
+
+    ckpt = tmp_path / "ck" / "epoch=1-step=5.ckpt"
+    second = subprocess.run([sys.executable, str(script), str(tmp_path), str(ckpt)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}_resumed.json").read_text()) == ranks[r][5:]
