@@ -142,13 +142,13 @@ class SGDGIL(GILModule):
         return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)]
 
 
-def run_fixed_experience_gil(out: str, devices: int, batch_size: int, beta_policy: float = 5.0) -> None:
+def run_fixed_experience_gil(out: str, devices: int, batch_size: int, beta_policy: float = 2.0) -> None:
     """One GIL iteration on fixed responses (per-rank batch ``batch_size``): whole-batch minibatches, 2 epochs (the
     second step uses the no-grad pre-pass), micro-batches of 2; saves the trainable parameters and the head."""
     from tests.test_ddp import FixedResponses
 
     L.seed_everything(0)
-    module = SGDGIL(model_name_or_path="builtin:tiny-llama", critic="separate", lr=1e-1, critic_lr=1e-2,
+    module = SGDGIL(model_name_or_path="builtin:tiny-llama", critic="separate", lr=1e-3, critic_lr=1e-3,
                     kl_coef=0.05, reward_fn=TOKEN_REWARD, ppo_epochs=2, mini_batch_size=None, micro_batch_size=2,
                     max_new_tokens=8, reward_norm="norm", max_iterations=1, log_samples_every_n=0, export_dir=None,
                     beta_policy=beta_policy, max_grad_norm=None)
