@@ -240,10 +240,13 @@ class GroupInference(Callback):
         gen = torch.Generator().manual_seed(self.seed)
         layers: list[nn.Module] = []
         width = feature_dim
-        if self.hidden_size:
-            layers += [nn.Linear(feature_dim, self.hidden_size), nn.Tanh()]
-            width = self.hidden_size
-        layers.append(nn.Linear(width, self.num_groups))
+        # nn.Linear draws its default init from the global RNG: fork it so that building the head (at the first
+        # rollout, or later after a resume) never shifts the run's other random numbers
+        with torch.random.fork_rng(devices=[]):
+            if self.hidden_size:
+                layers += [nn.Linear(feature_dim, self.hidden_size), nn.Tanh()]
+                width = self.hidden_size
+            layers.append(nn.Linear(width, self.num_groups))
         head = nn.Sequential(*layers)
         with torch.no_grad():  # PyTorch's default Linear init, drawn from our generator
             for layer in head:

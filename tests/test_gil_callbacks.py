@@ -174,3 +174,13 @@ def test_group_head_state_dict_resumes_the_same_trajectory():
     c = GroupInference(seed=1, group_steps=2, hidden_size=4)
     out_c = c.annotate(planted_view(6))
     assert not torch.equal(out_c["group_posterior"], a.annotate(planted_view(6))["group_posterior"])
+
+
+def test_building_the_head_leaves_the_global_rng_alone():
+    """The head is built at the first rollout (or after a resume): that must not shift the run's random numbers."""
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    view = planted_view(0)
+    torch.manual_seed(0)
+    GroupInference(hidden_size=4).annotate(view)
+    torch.testing.assert_close(torch.rand(3), want, atol=0, rtol=0)
