@@ -184,3 +184,16 @@ def test_building_the_head_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     GroupInference(hidden_size=4).annotate(view)
     torch.testing.assert_close(torch.rand(3), want, atol=0, rtol=0)
+
+
+def test_callbacks_import_only_lightning_torch_and_the_stdlib():
+    import ast
+    import sys
+    from pathlib import Path
+
+    for name in ("group_inference.py", "adaptive_exploration.py"):
+        tree = ast.parse((Path(__file__).resolve().parent.parent / "callbacks" / name).read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        third_party = {r for r in roots if r not in sys.stdlib_module_names and r != "__future__"}
+        assert third_party <= {"lightning", "torch", "callbacks"}, (name, third_party)
