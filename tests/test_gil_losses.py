@@ -130,20 +130,26 @@ def _per_sample_j(theta, x, old, adv, mask, clip=0.2):
     return (obj * mask).sum(-1) / n.clamp_min(1), obj
 
 
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
 @pytest.mark.parametrize("invariance", ["variance", "worst_group"])
-def test_invariant_objective_with_micro_batches_and_ranks_equals_the_whole_batch(invariance):
+def test_invariant_objective_with_micro_batches_and_ranks_equals_the_whole_batch(invariance, loss_agg):
     """2 simulated ranks x 2 micro-batches, weights from the GLOBAL group statistics (one all-reduce of 2M sums),
-    token normaliser N_tok / world and DDP's gradient average == autograd of the whole-batch objective."""
+    PPO's normaliser / world and DDP's gradient average == autograd of the whole-batch objective, for each of PPO's
+    loss aggregations (L_pg = -sum_i c_i J_i / D)."""
     x, old, adv, mask, lengths, q, theta = _toy_batch()
     beta, w_dro = 0.7, torch.tensor([0.3, 0.7], dtype=torch.float64)
-    N_tok = mask.sum()
+    n = mask.sum(-1)
+    # PPOModule: row weights a_i (1 / n_i for seq_mean_token_mean) and normaliser D (tokens or rows)
+    a = 1.0 / n.clamp_min(1) if loss_agg == "seq_mean_token_mean" else torch.ones_like(n)
+    D = mask.sum() if loss_agg == "token_mean" else torch.tensor(float(len(n)), dtype=torch.float64)
+    coef = torch.ones_like(n) if loss_agg == "seq_mean_token_mean" else n  # c_i = a_i n_i
 
     # whole batch, the objective written out
     th = theta.clone().requires_grad_(True)
     j, obj = _per_sample_j(th, x, old, adv, mask)
     j_g = torch.stack([(q[:, g] * j).sum() / q[:, g].sum() for g in range(2)])
     if invariance == "variance":
-        loss = -(obj * mask).sum() / N_tok + beta * ((j_g - j_g.mean()) ** 2).mean()
+        loss = -(a[:, None] * obj * mask).sum() / D + beta * ((j_g - j_g.mean()) ** 2).mean()
     else:
         loss = -(w_dro * j_g).sum()
     (want,) = torch.autograd.grad(loss, th)
@@ -155,11 +161,12 @@ def test_invariant_objective_with_micro_batches_and_ranks_equals_the_whole_batch
     grads = []
     for rows in rank_rows:
         th_r = theta.clone().requires_grad_(True)
-        normalizer = N_tok / world  # PPOModule: mean_over_ranks(tokens)
+        normalizer = D / world  # PPOModule: mean_over_ranks(tokens or rows)
         for micro in rows.split(2):
             logp = torch.einsum("bth,h->bt", x[micro], th_r)
-            weights = invariance_sample_weights(invariance, q[micro], lengths[micro], stats, N_tok, beta, w_dro)
-            out = policy_loss(logp, old[micro], adv[micro], mask[micro], 0.2, normalizer, sample_weights=weights)
+            weights = invariance_sample_weights(invariance, q[micro], coef[micro], stats, D, beta, w_dro)
+            out = policy_loss(logp, old[micro], adv[micro], mask[micro], 0.2, normalizer,
+                              sample_weights=weights * a[micro])  # PPOModule.loss_weights multiplies a_i in
             out.loss.backward()
         grads.append(th_r.grad)
     got = sum(grads) / world  # DDP averages

@@ -19,7 +19,8 @@ Exact under micro-batching and DDP. ``Var_g[J_g]`` is not a sum over rollouts, s
 variance would be a different objective. Its gradient, though, is a per-rollout coefficient times ``dJ_i``:
 ``dL/dtheta = sum_i (dL/dJ_i) dJ_i/dtheta``, and ``dL/dJ_i`` depends only on ``q_i`` and the GLOBAL group statistics
 ``(sum_i q_ig J_i, sum_i q_ig)`` (2M numbers, one all-reduce). So each rollout's term of PPO's token-mean loss is
-reweighted (``policy_loss(sample_weights=...)``) by :func:`loss_gradient_to_sample_weights`: the micro-batch losses
+reweighted (``policy_loss(sample_weights=...)``) by :func:`loss_gradient_to_sample_weights` (for every
+``loss_agg`` of PPO): the micro-batch losses
 summed over the accumulation and averaged by DDP then have exactly the gradient of ``L`` on the whole minibatch.
 ``J_i`` must be the surrogate at the CURRENT parameters: at the first optimizer step of an iteration the ratio is 1,
 so ``J_i`` is the token-mean of rollout ``i``'s advantages (free); at later steps it takes a no-grad forward pass of
@@ -139,53 +140,56 @@ def group_dro_gradient(posterior: torch.Tensor, stats: torch.Tensor, group_weigh
 
 
 def loss_gradient_to_sample_weights(
-    d_loss_d_j: torch.Tensor, lengths: torch.Tensor, total_tokens: Union[torch.Tensor, float]
+    d_loss_d_j: torch.Tensor, row_coefficients: torch.Tensor, normalizer: Union[torch.Tensor, float]
 ) -> torch.Tensor:
-    """Per-sample weights ``w_i`` of PPO's token-mean policy loss that reproduce the gradient of a loss ``L(J)``.
+    """Per-sample weights ``w_i`` of PPO's policy loss that reproduce the gradient of a loss ``L(J)``.
 
-    PPO's weighted loss is ``-sum_{i,t} w_i obj_it / N_tok``; ``J_i = sum_t obj_it / n_i``. Matching
-    ``dL/dobj_it = (dL/dJ_i) / n_i`` gives ``w_i = -N_tok (dL/dJ_i) / n_i``. For ``L = L_pg`` itself
-    (``dL/dJ_i = -n_i / N_tok``) this is 1.
+    PPO's policy loss on a minibatch is ``L_pg = -sum_i c_i J_i / D`` (``J_i`` the token-mean surrogate of row
+    ``i``), where, by ``model.loss_agg``: ``token_mean``: ``c_i = n_i`` (the row's response tokens), ``D`` = the
+    minibatch's response tokens; ``seq_mean_token_sum``: ``c_i = n_i``, ``D`` = its rows; ``seq_mean_token_mean``:
+    ``c_i = 1``, ``D`` = its rows (all ranks together). Weighting row ``i`` by ``w_i`` gives ``-sum_i w_i c_i J_i / D``;
+    matching ``dL/dJ_i`` gives ``w_i = -D (dL/dJ_i) / c_i``. For ``L = L_pg`` itself this is 1.
 
     Args:
         d_loss_d_j: ``(B,)`` ``dL/dJ_i``.
-        lengths: ``(B,)`` response tokens ``n_i`` (a row without tokens gets a finite weight that multiplies nothing).
-        total_tokens: ``N_tok``, the response tokens of the WHOLE minibatch over all ranks.
+        row_coefficients: ``(B,)`` ``c_i`` (a row without tokens gets a finite weight that multiplies nothing).
+        normalizer: ``D`` of the WHOLE minibatch over all ranks.
 
     Returns:
         ``(B,)`` weights.
     """
-    n = lengths.to(d_loss_d_j.dtype).clamp_min(1.0)
-    return -d_loss_d_j * total_tokens / n
+    c = row_coefficients.to(d_loss_d_j.dtype).clamp_min(1e-12)
+    return -d_loss_d_j * normalizer / c
 
 
 def invariance_sample_weights(
     invariance: Invariance,
     posterior: torch.Tensor,
-    lengths: torch.Tensor,
+    row_coefficients: torch.Tensor,
     stats: torch.Tensor,
-    total_tokens: Union[torch.Tensor, float],
+    normalizer: Union[torch.Tensor, float],
     beta: float = 1.0,
     group_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample weights of the policy loss for GIL's invariant objective (see the module docstring).
 
     Args:
-        invariance: ``variance``: ``L_pg + beta Var_g[J_g]`` -> ``w_i = 1 - beta N_tok c_i / n_i`` with
-            ``c_i = dVar/dJ_i``; ``worst_group``: ``-sum_g w_g J_g`` -> ``w_i = N_tok sum_g w_g q_ig / (n_i m_g)``.
+        invariance: ``variance``: ``L_pg + beta Var_g[J_g]`` -> ``w_i = 1 - beta D c'_i / c_i`` with
+            ``c'_i = dVar/dJ_i``; ``worst_group``: ``-sum_g w_g J_g`` -> ``w_i = D sum_g w_g q_ig / (c_i m_g)``.
         posterior: ``(B, M)`` rows of this micro-batch.
-        lengths: ``(B,)`` response tokens.
+        row_coefficients: ``(B,)`` ``c_i`` of :func:`loss_gradient_to_sample_weights` (the response lengths for
+            PPO's default ``token_mean``).
         stats: ``(2, M)`` global :func:`group_statistics` of the minibatch at the current parameters.
-        total_tokens: response tokens of the whole minibatch (all ranks).
+        normalizer: ``D`` (the minibatch's response tokens, all ranks, for ``token_mean``).
         beta: ``beta_policy`` (``variance`` only).
         group_weights: ``(M,)`` Group-DRO weights (``worst_group`` only).
 
     Returns:
         ``(B,)`` weights.
     """
-    n = lengths.to(stats.dtype)
+    c = row_coefficients.to(stats.dtype)
     if invariance == "variance":
-        pg = -n / total_tokens  # dL_pg/dJ_i
+        pg = -c / normalizer  # dL_pg/dJ_i
         grad = pg + beta * variance_penalty_gradient(posterior, stats)
     elif invariance == "worst_group":
         if group_weights is None:
@@ -193,4 +197,4 @@ def invariance_sample_weights(
         grad = group_dro_gradient(posterior, stats, group_weights)
     else:
         raise ValueError(f"invariance must be 'variance' or 'worst_group', got {invariance!r}")
-    return loss_gradient_to_sample_weights(grad, lengths, total_tokens)
+    return loss_gradient_to_sample_weights(grad, c, normalizer)

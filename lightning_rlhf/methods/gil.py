@@ -103,6 +103,10 @@ class GILModule(PPOModule):
             raise ValueError(f"model.dro_step_size must be >= 0, got {dro_step_size}")
         if surrogate_prepass not in ("auto", "always", "never"):
             raise ValueError(f"model.surrogate_prepass must be auto|always|never, got {surrogate_prepass!r}")
+        if getattr(self, "kl_in", "reward") != "reward":
+            raise ValueError("GILModule needs model.kl_in: reward (the KL enters the token rewards, where adaptive "
+                             "exploration scales it; with kl_in: loss the invariance weights would also weight the "
+                             "KL loss)")
         self.invariance: Invariance = invariance
         self.beta_policy = float(beta_policy)
         self.num_groups = int(num_groups)
@@ -122,15 +126,26 @@ class GILModule(PPOModule):
             logits, _ = response_logits(self.policy, micro.sequences, micro.attention_mask, micro.prompt_length,
                                         self.temperature)
             logprobs = token_logprobs(logits, micro.responses)
-            out.append(policy_loss(logprobs, micro.logprobs, micro.advantages, micro.action_mask,
-                                   self.clip_eps).per_sample_surrogate)
+            out.append(policy_loss(logprobs, micro.logprobs, micro.advantages, micro.action_mask, self.clip_eps,
+                                   clip_eps_high=getattr(self, "clip_eps_high", None)).per_sample_surrogate)
         return torch.cat(out)
+
+    def policy_loss_rows(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How PPO's policy loss weighs each row's ``J_i`` (``model.loss_agg``): ``(c_i (B,), this rank's part of D)``
+        with ``L_pg = -sum_i c_i J_i / D`` (``lightning_rlhf.losses.gil.loss_gradient_to_sample_weights``)."""
+        lengths = mask.sum(-1).double()  # (B,)
+        agg = getattr(self, "loss_agg", "token_mean")
+        coef = torch.ones_like(lengths) if agg == "seq_mean_token_mean" else lengths
+        part = lengths.sum() if agg == "token_mean" else torch.tensor(float(len(lengths)), dtype=torch.float64,
+                                                                         device=lengths.device)
+        return coef, part
 
     def global_group_statistics(self, j: torch.Tensor, posterior: torch.Tensor,
                                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(2, M)`` group sums and the response-token count of the whole minibatch over ranks (one all-reduce)."""
-        packed = torch.cat([group_statistics(j.double(), posterior.double()).flatten(),
-                            mask.sum().double().reshape(1)])
+        """``(2, M)`` group sums and PPO's policy-loss normaliser ``D`` of the whole minibatch over ranks (one
+        all-reduce of ``2M + 1`` numbers)."""
+        _, part = self.policy_loss_rows(mask)
+        packed = torch.cat([group_statistics(j.double(), posterior.double()).flatten(), part.reshape(1)])
         fn = self.reduce_fn()
         if fn is not None:
             packed = fn(packed)
@@ -155,11 +170,12 @@ class GILModule(PPOModule):
                 j = masked_mean(minibatch.advantages, mask, dim=-1)
         else:
             j = self.current_surrogates(minibatch)
-        stats, total_tokens = self.global_group_statistics(j, q, mask)
+        stats, normalizer = self.global_group_statistics(j, q, mask)
         j_g = group_surrogates(stats)
         if self.invariance == "worst_group":
             self.dro_weights.copy_(group_dro_update(self.dro_weights.double(), -j_g, self.dro_step_size))
-        weights = invariance_sample_weights(self.invariance, q.double(), mask.sum(-1), stats, total_tokens,
+        coef, _ = self.policy_loss_rows(mask)
+        weights = invariance_sample_weights(self.invariance, q.double(), coef, stats, normalizer,
                                             self.beta_policy, self.dro_weights.double())
         if SAMPLE_WEIGHT in minibatch.extras:
             weights = weights * minibatch.extras[SAMPLE_WEIGHT].double()

@@ -26,7 +26,8 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lightning_rlhf.advantages import ReduceFn, explained_variance, gae, masked_sum, masked_whiten
+from lightning_rlhf.advantages import ReduceFn, explained_variance, gae, grpo_advantages, masked_sum, masked_whiten
+from lightning_rlhf.advantages import reinforce_pp_advantages, rloo_advantages
 from lightning_rlhf.data.batches import PromptBatch, TokenBatch
 from lightning_rlhf.losses.ppo import KLEstimator, PolicyLossOutput, entropy_from_logits, kl_penalty, policy_loss
 from lightning_rlhf.losses.ppo import token_rewards, value_loss
@@ -46,8 +47,12 @@ from lightning_rlhf.rollout.sample_log import log_sample_table, sample_table
 from lightning_rlhf.rollout.scoring import token_logprobs
 
 
-CriticKind = Literal["separate", "shared"]
+CriticKind = Literal["separate", "shared", "none"]
 RolloutEngine = Literal["hf", "static"]
+AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+ScaleRewards = Literal["group", "batch", "none"]
+KLPlacement = Literal["reward", "loss"]
+LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 
 
 @dataclass
@@ -56,14 +61,14 @@ class PPOForwardOutput:
 
     Attributes:
         logprobs: ``(b, R)`` log-probs of the response tokens under the current policy (with grad).
-        values: ``(b, R)`` current critic values (with grad).
+        values: ``(b, R)`` current critic values (with grad); ``None`` without a critic.
         entropy: ``(b, R)`` per-token policy entropy (with grad only when ``ent_coef > 0``).
         policy: the :class:`PolicyLossOutput` of this micro-batch (``per_sample_surrogate`` for GIL-style losses);
             ``None`` during critic warm-up.
     """
 
     logprobs: Optional[torch.Tensor]
-    values: torch.Tensor
+    values: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
     policy: Optional[PolicyLossOutput] = None
 
@@ -94,14 +99,33 @@ class PPOModule(RLHFModule):
             sequence-classification model with one label). Exactly one of this and ``reward_fn``.
         reward_fn: Rule-based reward: ``{class_path: ..., init_args: {...}}`` of a callable
             ``fn(prompts, responses, **extras) -> list[float]``, e.g. ``lightning_rlhf.rewards.TokenCountReward``.
-        critic: ``separate`` (value head on its own backbone) or ``shared`` (value head on the policy trunk).
+        critic: ``separate`` (value head on its own backbone), ``shared`` (value head on the policy trunk) or ``none``
+            (no value model is built: the critic-free estimators ``grpo``, ``rloo``, ``reinforce_pp`` need none).
         critic_model_name_or_path: Backbone of a separate critic; default: the reward model, else the policy.
         critic_lr: Learning rate of the critic parameter group (the policy group uses ``lr``).
         kl_coef: KL coefficient ``beta`` of the token rewards (adapted by ``AdaptiveKLController`` if present).
         kl_estimator: ``k1`` (``logp - logp_ref``) or ``k3`` (``exp(-d) - 1 + d``).
+        advantage: ``gae`` (PPO with the critic) or a critic-free estimator (``lightning_rlhf/advantages.py``):
+            ``grpo`` (group-mean baseline, scaled by ``scale_rewards``; Shao et al. 2024), ``rloo`` (leave-one-out mean;
+            Ahmadian et al. 2024), ``reinforce_pp`` (batch-normalised returns-to-go of the token rewards; Hu 2025). The
+            group estimators need ``n_samples_per_prompt >= 2`` and ``critic: none``; their sequence return is the
+            shaped score minus ``kl_coef_i * sum_t kl_t`` when ``kl_in: reward``, the shaped score alone when ``kl_in:
+            loss``. Their advantages are not whitened again (``whiten_advantages`` is for ``gae``).
+        scale_rewards: ``grpo`` only: divide the centred return by the std of its ``group`` (the paper), of the whole
+            ``batch`` (all ranks), or not at all (``none``, Dr. GRPO).
+        kl_in: Where the KL to the reference enters: ``reward`` (``-kl_coef * kl_t`` token rewards, as PPO; with
+            ``kl_estimator``) or ``loss`` (GRPO's ``kl_loss_coef * k3(pi, pi_ref)`` term on the current policy,
+            aggregated like the policy loss; the rewards then carry no KL).
+        kl_loss_coef: Weight of the KL loss term when ``kl_in: loss`` (GRPO: 0.04).
+        loss_agg: How token terms become the loss: ``token_mean`` (sum over all tokens of the minibatch / their
+            number), ``seq_mean_token_sum`` (sum over each sequence's tokens, mean over sequences) or
+            ``seq_mean_token_mean`` (mean over each sequence's tokens, then over sequences; the GRPO paper). Counts
+            are global over ranks and micro-batches.
         gamma: GAE discount.
         lam: GAE lambda.
-        clip_eps: Policy ratio clip range.
+        clip_eps: Policy ratio clip range (the lower one when ``clip_eps_high`` is set).
+        clip_eps_high: Upper ratio clip range, ``[1 - clip_eps, 1 + clip_eps_high]`` (DAPO's clip-higher);
+            ``null`` = ``clip_eps``.
         value_clip: Value clip range; ``null`` disables value clipping.
         vf_coef: Weight of the value loss.
         ent_coef: Weight of the entropy bonus.
@@ -135,9 +159,12 @@ class PPOModule(RLHFModule):
             recorded while sampling as the old log-probs instead of a second policy forward pass. They equal the
             recomputed ones up to the rounding of the cached decode (about 1e-6 in fp32; larger in bf16, where the
             first PPO epoch's ratio then starts slightly off 1).
-        ptx_coef: Weight of the SFT (pretraining-mix) NLL term; needs ``ptx_data``.
-        ptx_data: ``DemonstrationDataModule`` arguments (e.g. ``{train_path: builtin:hh-rlhf, batch_size: 4}``)
-            for the ptx term; one batch per optimizer step.
+        ptx_coef: Weight of the SFT (pretraining-mix) NLL term; needs a ``ptx`` data stream
+            (``MultiStreamDataModule`` with streams ``prompts`` and ``ptx``, see ``configs/ppo/tiny_ptx.yaml``). Each
+            iteration's ptx batch is split into as many equal row slices as the iteration has minibatches; the
+            optimizer step of minibatch ``i`` adds the token-mean NLL of slice ``i`` (every PPO epoch passes over the
+            slices again, as over the rollouts), so the ptx batch needs at least that many rows.
+        ptx_data: Removed: set it as a ``ptx`` data stream instead (a non-null value fails, naming the new way).
         max_iterations: Stop training after this many PPO iterations (``null``: the trainer's limits decide).
         seed: Base seed of rollout sampling and minibatch shuffling (per rank and iteration, resumable).
         log_samples_every_n: Log a text table of samples every N iterations (0 disables).
@@ -159,9 +186,15 @@ class PPOModule(RLHFModule):
         critic_lr: float = 5e-6,
         kl_coef: float = 0.05,
         kl_estimator: KLEstimator = "k1",
+        advantage: AdvantageEstimator = "gae",
+        scale_rewards: ScaleRewards = "group",
+        kl_in: KLPlacement = "reward",
+        kl_loss_coef: float = 0.0,
+        loss_agg: LossAggregation = "token_mean",
         gamma: float = 1.0,
         lam: float = 0.95,
         clip_eps: float = 0.2,
+        clip_eps_high: Optional[float] = None,
         value_clip: Optional[float] = 0.2,
         vf_coef: float = 0.5,
         ent_coef: float = 0.0,
@@ -194,8 +227,27 @@ class PPOModule(RLHFModule):
         super().__init__(lr=lr, **kwargs)
         if (reward_model_name_or_path is None) == (reward_fn is None):
             raise ValueError("PPO needs exactly one reward source: set model.reward_model_name_or_path OR model.reward_fn")
-        if critic not in ("separate", "shared"):
-            raise ValueError(f"model.critic must be 'separate' or 'shared', got {critic!r}")
+        if critic not in ("separate", "shared", "none"):
+            raise ValueError(f"model.critic must be 'separate', 'shared' or 'none', got {critic!r}")
+        _check_choice("advantage", advantage, ("gae", "grpo", "rloo", "reinforce_pp"))
+        _check_choice("scale_rewards", scale_rewards, ("group", "batch", "none"))
+        _check_choice("kl_in", kl_in, ("reward", "loss"))
+        _check_choice("loss_agg", loss_agg, ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"))
+        if advantage == "gae" and critic == "none":
+            raise ValueError("model.advantage: gae needs a critic; set model.critic: separate | shared, or a "
+                             "critic-free model.advantage (grpo, rloo, reinforce_pp)")
+        if advantage != "gae" and critic != "none":
+            raise ValueError(f"model.advantage: {advantage} uses no value model; set model.critic: none (a "
+                             f"{critic} critic would be built and trained for nothing)")
+        if advantage in ("grpo", "rloo") and n_samples_per_prompt < 2:
+            raise ValueError(f"model.advantage: {advantage} compares the samples of one prompt; set "
+                             f"model.n_samples_per_prompt >= 2 (got {n_samples_per_prompt})")
+        if critic == "none" and critic_warmup_iters > 0:
+            raise ValueError("model.critic_warmup_iters > 0 needs a critic (model.critic: none has none)")
+        if kl_in == "loss" and kl_loss_coef < 0:
+            raise ValueError(f"model.kl_loss_coef must be >= 0, got {kl_loss_coef}")
+        if clip_eps_high is not None and clip_eps_high <= 0:
+            raise ValueError(f"model.clip_eps_high must be > 0 or null, got {clip_eps_high}")
         if reward_norm not in REWARD_NORMS:
             raise ValueError(f"model.reward_norm must be none|scale|norm|norm_clip, got {reward_norm!r}")
         if kl_estimator not in ("k1", "k3"):
@@ -204,8 +256,13 @@ class PPOModule(RLHFModule):
             raise ValueError(f"model.ppo_epochs must be >= 1, got {ppo_epochs}")
         if mini_batch_size is not None and mini_batch_size < 1:
             raise ValueError(f"model.mini_batch_size must be >= 1 or null, got {mini_batch_size}")
-        if ptx_coef > 0 and ptx_data is None:
-            raise ValueError("model.ptx_coef > 0 needs model.ptx_data (DemonstrationDataModule arguments)")
+        if ptx_data is not None:
+            raise ValueError(
+                "model.ptx_data was replaced by a `ptx` data stream (checkpointed, its own shuffled epochs): use "
+                "data: {class_path: lightning_rlhf.data.MultiStreamDataModule, init_args: {streams: {prompts: "
+                "{class_path: lightning_rlhf.data.PromptDataModule, init_args: {...}}, ptx: {class_path: "
+                "lightning_rlhf.data.DemonstrationDataModule, init_args: <your ptx_data>}}}} (configs/ppo/tiny_ptx.yaml)"
+            )
         if critic_lr <= 0:
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
         if rollout_engine not in ("hf", "static"):
@@ -224,9 +281,15 @@ class PPOModule(RLHFModule):
         self.critic_lr = critic_lr
         self.kl_coef = float(kl_coef)
         self.kl_estimator: KLEstimator = kl_estimator
+        self.advantage: AdvantageEstimator = advantage
+        self.scale_rewards: ScaleRewards = scale_rewards
+        self.kl_in: KLPlacement = kl_in
+        self.kl_loss_coef = kl_loss_coef
+        self.loss_agg: LossAggregation = loss_agg
         self.gamma = gamma
         self.lam = lam
         self.clip_eps = clip_eps
+        self.clip_eps_high = clip_eps_high
         self.value_clip = value_clip
         self.vf_coef = vf_coef
         self.ent_coef = ent_coef
@@ -242,7 +305,6 @@ class PPOModule(RLHFModule):
         self.n_samples_per_prompt = n_samples_per_prompt
         self.feature_source: FeatureSource = feature_source
         self.ptx_coef = ptx_coef
-        self.ptx_data = ptx_data
         self.max_iterations = max_iterations
         self.seed = seed
         self.log_samples_every_n = log_samples_every_n
@@ -263,7 +325,7 @@ class PPOModule(RLHFModule):
         self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
         self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
         self._last_stats: dict[str, float] = {}
-        self._ptx_iter: Optional[Iterator[TokenBatch]] = None
+        self._ptx_batch: Optional[TokenBatch] = None  # this iteration's batch of the `ptx` data stream
         self.reward_source: Optional[RewardSource] = None
         self.experience_maker: Optional[ExperienceMaker] = None
 
@@ -287,6 +349,9 @@ class PPOModule(RLHFModule):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             self.value_head: Optional[nn.Linear] = None
+        elif self.critic_kind == "none":
+            self.critic = None
+            self.value_head = None
         else:
             self.critic = None
             hidden = self.policy.config.get_text_config().hidden_size
@@ -313,6 +378,8 @@ class PPOModule(RLHFModule):
     # ------------------------------------------------------------------ optimizer
     def _critic_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         module = self.critic if self.critic is not None else self.value_head
+        if module is None:  # critic: none
+            return
         for name, p in module.named_parameters():
             if p.requires_grad:
                 yield name, p
@@ -332,7 +399,9 @@ class PPOModule(RLHFModule):
         if self._trainer is None:
             return 1
         dm = getattr(self.trainer, "datamodule", None)
-        per_iter = self.steps_per_iteration(int(getattr(dm, "batch_size", None) or self.mini_batch_size or 1))
+        prompts = getattr(dm, "batch_size", None)
+        rollouts = int(prompts) * self.n_samples_per_prompt if prompts else (self.mini_batch_size or 1)
+        per_iter = self.steps_per_iteration(rollouts)
         if self.max_iterations:
             return self.max_iterations * per_iter
         if self.trainer.max_steps and self.trainer.max_steps > 0:
@@ -475,10 +544,24 @@ class PPOModule(RLHFModule):
         exp.kl = kl_penalty(exp.logprobs, exp.ref_logprobs, self.kl_estimator) * mask  # (B, R)
         exp.kl_coef = self.per_sample_kl_coef(exp)  # (B,)
         self.annotate_experience(exp)  # the view; callbacks' kl_scale / sample_weight / other annotations
-        exp.rewards = token_rewards(exp.shaped_scores, exp.kl, exp.kl_coef, mask)  # (B, R)
-        advantages, exp.returns = gae(exp.rewards, exp.values, mask, gamma=self.gamma, lam=self.lam)
-        if self.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, reduce_fn=self.reduce_fn())
+        # KL in the loss (GRPO): the rewards carry only the score
+        reward_coef = exp.kl_coef if self.kl_in == "reward" else torch.zeros_like(exp.kl_coef)
+        exp.rewards = token_rewards(exp.shaped_scores, exp.kl, reward_coef, mask)  # (B, R)
+        if self.advantage == "gae":
+            advantages, exp.returns = gae(exp.rewards, exp.values, mask, gamma=self.gamma, lam=self.lam)
+            if self.whiten_advantages:
+                advantages = masked_whiten(advantages, mask, reduce_fn=self.reduce_fn())
+        elif self.advantage == "reinforce_pp":
+            advantages, exp.returns = reinforce_pp_advantages(exp.rewards, mask, reduce_fn=self.reduce_fn())
+        else:  # grpo / rloo: one advantage per rollout from its group, spread over its response tokens
+            seq_returns = exp.rewards.sum(-1)  # (B,) shaped score - kl_coef_i * sum_t kl_t (KL in the reward)
+            k = self.n_samples_per_prompt
+            if self.advantage == "grpo":
+                seq_adv = grpo_advantages(seq_returns, k, self.scale_rewards, reduce_fn=self.reduce_fn())
+            else:
+                seq_adv = rloo_advantages(seq_returns, k)
+            advantages = seq_adv[:, None] * mask  # (B, R)
+            exp.returns = seq_returns[:, None] * mask
         exp.advantages = advantages
         return exp
 
@@ -529,7 +612,7 @@ class PPOModule(RLHFModule):
         the caller then adds ``0 * logprobs`` and drops the policy's gradients).
         """
         P = micro.prompt_length
-        shared = self.critic is None
+        shared = self.critic_kind == "shared"
         logprobs = entropy = hidden = None
         if train_policy or shared or keep_policy_graph:
             logits, hidden = response_logits(self.policy, micro.sequences, micro.attention_mask, P, self.temperature,
@@ -543,25 +626,44 @@ class PPOModule(RLHFModule):
             if not train_policy and not keep_policy_graph:
                 logprobs = logprobs.detach()
                 hidden = hidden.detach() if hidden is not None else None  # warm-up: no policy gradient
-        values = self._critic_values(micro.sequences, micro.attention_mask, P, hidden)
+        values = None if self.critic_kind == "none" else self._critic_values(micro.sequences, micro.attention_mask, P,
+                                                                              hidden)
         return PPOForwardOutput(logprobs=logprobs, values=values, entropy=entropy)
 
-    def _next_ptx_batch(self) -> TokenBatch:
-        if self._ptx_iter is None:
-            from lightning_rlhf.data.modules import DemonstrationDataModule
+    def loss_weights(self, micro: Experience) -> Optional[torch.Tensor]:
+        """``(b,)`` per-rollout weights of the policy (and KL) loss terms: the ``loss_agg`` weight (``1 / length`` for
+        ``seq_mean_token_mean``) times the callbacks' ``sample_weight``; ``None`` when both are 1."""
+        weights = micro.extras.get("sample_weight")
+        if self.loss_agg == "seq_mean_token_mean":
+            inv_len = 1.0 / micro.action_mask.sum(-1).clamp_min(1).float()  # (b,)
+            weights = inv_len if weights is None else weights * inv_len
+        return weights
 
-            dm = DemonstrationDataModule(**self.ptx_data)
-            dm.set_tokenizer(self.tokenizer)
-            dm.trainer = self._trainer  # each rank draws its own share of every global batch (as for the prompts)
-            dm.setup("fit")
-            loader = dm.train_dataloader()
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.ptx_coef > 0 and "ptx" not in (getattr(dm, "stream_names", None) or ()):
+            self._ptx_slice(0, 1)  # raises: no ptx stream
 
-            def cycle() -> Iterator[TokenBatch]:
-                while True:
-                    yield from loader
+    @property
+    def required_streams(self) -> tuple[str, ...]:
+        """Data streams a ``MultiStreamDataModule`` must provide: ``prompts``, and ``ptx`` when ``ptx_coef > 0``."""
+        return ("prompts", "ptx") if self.ptx_coef > 0 else ("prompts",)
 
-            self._ptx_iter = cycle()
-        return self.transfer_batch_to_device(next(self._ptx_iter), self.device, 0)
+    def _ptx_slice(self, index: int, count: int) -> TokenBatch:
+        """Slice ``index`` of ``count`` equal row slices of this iteration's ptx batch (minibatch ``index``'s share)."""
+        batch = self._ptx_batch
+        if batch is None:
+            raise ValueError("model.ptx_coef > 0 needs a `ptx` data stream: data: {class_path: "
+                             "lightning_rlhf.data.MultiStreamDataModule, init_args: {streams: {prompts: ..., ptx: "
+                             "{class_path: lightning_rlhf.data.DemonstrationDataModule, ...}}}} "
+                             "(configs/ppo/tiny_ptx.yaml)")
+        n = len(batch)
+        if n < count:
+            raise ValueError(f"The ptx batch has {n} rows for {count} minibatches per iteration: raise "
+                             "data.streams.ptx.init_args.batch_size to at least the number of minibatches "
+                             "(rollout batch / model.mini_batch_size)")
+        return batch.slice(index * n // count, (index + 1) * n // count)
 
     def ppo_update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs x minibatches`` optimizer steps, each accumulated over micro-batches (step 5)."""
@@ -576,29 +678,45 @@ class PPOModule(RLHFModule):
         # statistics accumulate as device tensors (no host sync per micro-batch); read once at the end
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         keys = ("pg_loss", "v_loss", "entropy", "clip_frac", "approx_kl", "v_clip_frac", "ptx", "extra", "tokens",
-                "grad_norm", "steps", "tokens_processed")
+                "grad_norm", "steps", "tokens_processed", "kl_loss")
         sums = {k: zero.clone() for k in keys}
         step = 0
         for _ in range(self.ppo_epochs):
-            for mb in exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g):
+            n_mb = math.ceil(len(exp) / (self.mini_batch_size or len(exp)))
+            for mb_index, mb in enumerate(exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g)):
                 if train_policy:
                     mb = self.prepare_minibatch(mb, step)
                 step += 1
                 # token-mean over the minibatch of ALL ranks: DDP averages gradients, so each rank divides its token
                 # sum by (global tokens / world size); with unequal response lengths a per-rank mean would differ
                 n_tokens = self.mean_over_ranks(mb.action_mask.sum()).clamp_min(1)
+                # the policy (and KL) loss's normaliser: tokens (token_mean) or sequences of the minibatch, all ranks
+                agg_norm = n_tokens if self.loss_agg == "token_mean" else self.mean_over_ranks(
+                    torch.tensor(float(len(mb)), device=self.device)).clamp_min(1)
                 micros = list(mb.minibatches(self.micro_batch_size or len(mb), shuffle=False))
                 for i, micro in enumerate(micros):
                     out = self.forward_micro(micro, train_policy, keep_policy_graph=anchor_policy)
                     mask = micro.action_mask
-                    v_loss, v_clip = value_loss(out.values, micro.values, micro.returns, mask, self.value_clip, n_tokens)
-                    loss = self.vf_coef * v_loss
+                    loss = torch.zeros((), device=self.device)
+                    v_loss = v_clip = None
+                    if out.values is not None:
+                        v_loss, v_clip = value_loss(out.values, micro.values, micro.returns, mask, self.value_clip,
+                                                    n_tokens)
+                        loss = loss + self.vf_coef * v_loss
                     if anchor_policy and out.logprobs is not None:
                         loss = loss + 0.0 * masked_sum(out.logprobs, mask)
                     if train_policy:
+                        weights = self.loss_weights(micro)  # (b,) or None
                         out.policy = policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, self.clip_eps,
-                                                 n_tokens, sample_weights=micro.extras.get("sample_weight"))
+                                                 agg_norm, sample_weights=weights, clip_eps_high=self.clip_eps_high)
                         loss = loss + out.policy.loss
+                        if self.kl_in == "loss" and self.kl_loss_coef > 0:
+                            kl_tok = kl_penalty(out.logprobs, micro.ref_logprobs, "k3")  # (b, R), grad via logprobs
+                            if weights is not None:
+                                kl_tok = kl_tok * weights[:, None]
+                            kl_loss = masked_sum(kl_tok, mask) / agg_norm
+                            loss = loss + self.kl_loss_coef * kl_loss
+                            sums["kl_loss"] += kl_loss.detach().double()
                         if self.ent_coef > 0:
                             loss = loss - self.ent_coef * masked_sum(out.entropy, mask) / n_tokens
                     extra = self.extra_loss(micro, out)
@@ -606,7 +724,7 @@ class PPOModule(RLHFModule):
                         loss = loss + extra * (len(micro) / len(mb))
                         sums["extra"] += extra.detach().double() * len(micro) / len(mb)
                     if train_policy and self.ptx_coef > 0 and i == len(micros) - 1:
-                        ptx = self._next_ptx_batch()
+                        ptx = self._ptx_slice(mb_index, n_mb)
                         nll_sum, nll_n = masked_nll_sum(self.lm_forward(self.policy, ptx.input_ids, ptx.attention_mask),
                                                         ptx.input_ids, ptx.loss_mask)
                         # token mean over ALL ranks' ptx tokens (DDP averages the gradients of per-rank terms)
@@ -616,8 +734,9 @@ class PPOModule(RLHFModule):
                     self.backward_micro(loss, sync=i == len(micros) - 1)
                     # token-weighted statistics (micro-batch quantities are over n_tokens of the minibatch)
                     m_tokens = mask.sum().double()
-                    sums["v_loss"] += v_loss.detach().double()
-                    sums["v_clip_frac"] += v_clip.double() * m_tokens
+                    if v_loss is not None:
+                        sums["v_loss"] += v_loss.detach().double()
+                        sums["v_clip_frac"] += v_clip.double() * m_tokens
                     if out.entropy is not None:
                         sums["entropy"] += masked_sum(out.entropy.detach(), mask).double()
                     if out.policy is not None:
@@ -633,17 +752,26 @@ class PPOModule(RLHFModule):
                 sums["steps"] += 1
         vals = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))  # one host sync
         steps, toks = max(vals["steps"], 1.0), max(vals["tokens"], 1.0)
-        return {
+        out = {
             "policy/loss": vals["pg_loss"] / steps, "value/loss": vals["v_loss"] / steps,
             "policy/entropy": vals["entropy"] / toks, "policy/clip_frac": vals["clip_frac"] / toks,
             "policy/approx_kl": vals["approx_kl"] / toks, "value/clip_frac": vals["v_clip_frac"] / toks,
             "ptx/loss": vals["ptx"] / steps, "extra/loss": vals["extra"] / steps, "grad_norm": vals["grad_norm"] / steps,
+            **({"kl/loss": vals["kl_loss"] / steps} if self.kl_in == "loss" else {}),
             "_tokens_processed": vals["tokens_processed"],
         }
+        if self.critic_kind == "none":
+            del out["value/loss"], out["value/clip_frac"]
+        return out
 
     # ------------------------------------------------------------------ the iteration
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """One PPO iteration: rollout -> scores/advantages -> PPO updates -> rank-reduced stats."""
+    def training_step(self, batch: Union[PromptBatch, Mapping[str, Any]], batch_idx: int) -> dict[str, torch.Tensor]:
+        """One PPO iteration: rollout -> scores/advantages -> PPO updates -> rank-reduced stats.
+
+        ``batch`` is a ``PromptBatch``, or with a ``MultiStreamDataModule`` ``{"prompts": PromptBatch, "ptx":
+        TokenBatch}`` (the ptx batch feeds the ptx term of this iteration's optimizer steps)."""
+        if isinstance(batch, Mapping):
+            batch, self._ptx_batch = batch["prompts"], batch.get("ptx")
         exp = self.make_experience(batch)
         self.compute_advantages(exp)
         t0 = self._sync_time()
@@ -674,7 +802,9 @@ class PPOModule(RLHFModule):
         lengths = mask.sum(-1)  # (B,)
         kl_rows = exp.kl.sum(-1)  # (B,)
         stopped = exp.extras["stopped_by_eos"].float()
-        score_tokens = float(exp.attention_mask.sum()) * 3  # policy, reference, critic passes
+        passes = 1 + int("rollout_logprobs" not in exp.extras or not self.reuse_rollout_logprobs) \
+            + int(self.critic_kind == "separate")  # reference, policy (unless reused), separate critic
+        score_tokens = float(exp.attention_mask.sum()) * passes
         (n, s_sum, s_sq, sh_sum, kl_sum, kl_tok, n_tok, no_eos, len_sum, coef_sum, all_score_tok, all_upd_tok) = \
             self._global_sums([
                 torch.tensor(float(len(exp))), exp.scores.sum(), (exp.scores.double() ** 2).sum(),
@@ -693,7 +823,6 @@ class PPOModule(RLHFModule):
             "kl/token_mean": kl_tok / n_tok,
             "kl_coef": self.kl_coef,
             "kl_coef/sample_mean": coef_sum / n,
-            "value/explained_var": float(explained_variance(exp.values, exp.returns, exp.action_mask, self.reduce_fn())),
             "response/length": len_sum / n,
             "response/no_eos_frac": no_eos / n,
             "time/generate": timing.get("generate", 0.0),
@@ -706,6 +835,9 @@ class PPOModule(RLHFModule):
             "lr": self.current_lr(),
             "_num_sequences": n,
         }
+        if exp.values is not None:  # (every rank has a critic or none: the collective below runs on all or none)
+            stats["value/explained_var"] = float(explained_variance(exp.values, exp.returns, exp.action_mask,
+                                                                    self.reduce_fn()))
         # update-phase averages are local per rank; average them too so every rank logs the same numbers
         keys = [k for k in upd if not k.startswith("_")]
         world = float(self.trainer.world_size) if self._trainer is not None else 1.0
@@ -733,3 +865,9 @@ class PPOModule(RLHFModule):
         """Restore the iteration counter and ``kl_coef``; frozen models are rebuilt from their paths."""
         super().on_load_checkpoint(checkpoint)
         self.kl_coef = float(checkpoint.get("kl_coef", self.kl_coef))
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise naming ``model.<flag>`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"model.{flag} must be one of {' | '.join(choices)}, got {value!r}")
