@@ -83,7 +83,8 @@ class PPOModule(RLHFModule):
     (a per-sample KL scale, per-sample loss weights; e.g. GIL's group inference and adaptive exploration).
 
     Hooks for methods built on PPO: :meth:`transform_scores` (score shaping before normalisation),
-    :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`extra_loss`.
+    :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`prepare_minibatch`
+    (per-minibatch loss weights), :meth:`extra_loss`.
 
     Logged every iteration (rank-reduced): ``iteration``, ``score/mean``, ``score/std``, ``score/shaped_mean``,
     ``kl`` (per-sequence sum), ``kl/token_mean``, ``kl_coef``, ``policy/loss``, ``policy/entropy``,
@@ -434,6 +435,13 @@ class PPOModule(RLHFModule):
         """``(B,)`` base KL coefficients before the experience hooks' ``kl_scale``: ``kl_coef`` everywhere here."""
         return torch.full((len(experience),), self.kl_coef, dtype=torch.float32, device=experience.device)
 
+    def prepare_minibatch(self, minibatch: Experience, step: int) -> Experience:
+        """Called before the micro-batches of each optimizer step that trains the policy (identity here); a method
+        may set per-sample loss weights from statistics of the whole minibatch (e.g. GIL's invariance weights in
+        ``extras["sample_weight"]``). ``step`` counts this iteration's optimizer steps (0: the parameters are still
+        the rollout's). Collective under DDP when the method all-reduces: every rank calls it in step."""
+        return minibatch
+
     def extra_loss(self, minibatch: Experience, outputs: PPOForwardOutput) -> Optional[torch.Tensor]:
         """An additional loss for a micro-batch (None here). It is weighted by the micro-batch's share of the
         minibatch's rows, so a row-mean loss accumulates to the minibatch mean."""
@@ -672,9 +680,13 @@ class PPOModule(RLHFModule):
         keys = ("pg_loss", "v_loss", "entropy", "clip_frac", "approx_kl", "v_clip_frac", "ptx", "extra", "tokens",
                 "grad_norm", "steps", "tokens_processed", "kl_loss")
         sums = {k: zero.clone() for k in keys}
+        step = 0
         for _ in range(self.ppo_epochs):
             n_mb = math.ceil(len(exp) / (self.mini_batch_size or len(exp)))
             for mb_index, mb in enumerate(exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g)):
+                if train_policy:
+                    mb = self.prepare_minibatch(mb, step)
+                step += 1
                 # token-mean over the minibatch of ALL ranks: DDP averages gradients, so each rank divides its token
                 # sum by (global tokens / world size); with unequal response lengths a per-rank mean would differ
                 n_tokens = self.mean_over_ranks(mb.action_mask.sum()).clamp_min(1)
