@@ -94,7 +94,7 @@ def test_validation_is_deterministic_and_matches_a_plain_recomputation(tmp_path)
 
     # independent recomputation, one row at a time where possible
     tok, count = module.tokenizer, TokenCountReward("e")
-    scores, kls, lengths, spaces, by_domain = [], [], [], [], {}
+    scores, kls, lengths, spaces, by_domain, spaces_by_domain = [], [], [], [], {}, {}
     for batch in dm.val_dataloader():
         gen = module.generator.generate(module.policy, batch.input_ids, batch.attention_mask,
                                         seed=validation_seed(0, list(batch.prompt_ids)))
@@ -106,6 +106,7 @@ def test_validation_is_deterministic_and_matches_a_plain_recomputation(tmp_path)
             s = count([batch.prompts[i]], [text])[0]
             scores.append(s)
             spaces.append(text.count(" "))
+            spaces_by_domain.setdefault(batch.domains[i], []).append(text.count(" "))
             by_domain.setdefault(batch.domains[i], []).append(s)
             lengths.append(n)
             real = batch.attention_mask[i].bool()
@@ -122,6 +123,8 @@ def test_validation_is_deterministic_and_matches_a_plain_recomputation(tmp_path)
     assert first["val/kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-4)
     for d, vals in by_domain.items():
         assert first[f"val/score/{d}"] == pytest.approx(sum(vals) / len(vals), rel=1e-6)  # logged as float32
+        sp = spaces_by_domain[d]
+        assert first[f"val/judge/spaces/{d}"] == pytest.approx(sum(sp) / len(sp), rel=1e-6)
     assert first["val/judge/spaces"] == pytest.approx(sum(spaces) / len(spaces), rel=1e-6)  # logged as float32  # same texts, 2nd judge
 
 
@@ -163,15 +166,18 @@ def test_summaries_pool_rows_over_ranks():
     """Means over ranks are sums / counts of all rows, not means of per-rank means (fake 2-rank all-reduce)."""
     f = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     rank0 = {"count": f(1.0), "score": f(4.0), "kl": f(0.5), "length": f(3.0), "no_eos": f(1.0),
-             "domain_count": f(1.0, 0.0), "domain_score": f(4.0, 0.0), "judges": f(2.0)}
+             "domain_count": f(1.0, 0.0), "domain_score": f(4.0, 0.0), "judges": f(2.0),
+             "domain_judges": f(2.0, 0.0).reshape(1, 2)}
     rank1 = {"count": f(3.0), "score": f(6.0), "kl": f(1.5), "length": f(9.0), "no_eos": f(0.0),
-             "domain_count": f(1.0, 2.0), "domain_score": f(0.0, 6.0), "judges": f(3.0)}
+             "domain_count": f(1.0, 2.0), "domain_score": f(0.0, 6.0), "judges": f(3.0),
+             "domain_judges": f(1.0, 2.0).reshape(1, 2)}
     flat1 = torch.cat([rank1[k].reshape(-1) for k in rank1])
     out = summarize(rank0, ["a", "b"], ["j"], reduce_fn=lambda t: t + flat1)
     assert out["val/score"] == pytest.approx(10.0 / 4)  # not (4/1 + 6/3) / 2 = 3
     assert out["val/kl"] == pytest.approx(2.0 / 4) and out["val/response_length"] == pytest.approx(12.0 / 4)
     assert out["val/no_eos_frac"] == pytest.approx(0.25) and out["val/judge/j"] == pytest.approx(5.0 / 4)
     assert out["val/score/a"] == pytest.approx(4.0 / 2) and out["val/score/b"] == pytest.approx(6.0 / 2)
+    assert out["val/judge/j/a"] == pytest.approx(3.0 / 2) and out["val/judge/j/b"] == pytest.approx(2.0 / 2)
     assert summarize({k: v * 0 for k, v in rank0.items()}, ["a", "b"], ["j"]) == {}
 
 

@@ -13,7 +13,7 @@ the training prompts; ``data.max_val_rows`` caps it). Each validation batch is
 
 Sums and counts (never per-rank means) are all-reduced over ranks at the end of the pass; logged:
 ``val/score`` (mean training reward), ``val/score/<domain>``, ``val/kl``, ``val/response_length``,
-``val/no_eos_frac`` and ``val/judge/<name>``. ``ModelCheckpoint(monitor="val/score", mode="max")`` selects by it.
+``val/no_eos_frac``, ``val/judge/<name>`` and ``val/judge/<name>/<domain>``. ``ModelCheckpoint(monitor="val/score", mode="max")`` selects by it.
 
 Under DDP, Lightning's distributed sampler pads the validation split to a multiple of the world size by repeating
 a few prompts; those repeats are counted (at most ``world_size - 1`` rows).
@@ -112,29 +112,33 @@ def summarize(sums: Mapping[str, torch.Tensor], domain_names: list[str], judge_n
 
     Args:
         sums: float64 tensors: ``count``, ``score``, ``kl``, ``length``, ``no_eos`` (scalars), ``domain_count`` and
-            ``domain_score`` ``(D,)``, ``judges`` ``(J,)``.
+            ``domain_score`` ``(D,)``, ``judges`` ``(J,)``, ``domain_judges`` ``(J, D)``.
         domain_names: the ``D`` domain labels.
         judge_names: the ``J`` judge names.
         reduce_fn: sum over ranks (``None``: one process).
 
     Returns:
         ``{"val/score", "val/kl", "val/response_length", "val/no_eos_frac", "val/score/<domain>",
-        "val/judge/<name>"}``; empty when no row was evaluated on any rank.
+        "val/judge/<name>", "val/judge/<name>/<domain>"}``; empty when no row was evaluated on any rank.
     """
     D, J = len(domain_names), len(judge_names)
     flat = torch.cat([sums["count"].reshape(1), sums["score"].reshape(1), sums["kl"].reshape(1),
                       sums["length"].reshape(1), sums["no_eos"].reshape(1), sums["domain_count"].reshape(D),
-                      sums["domain_score"].reshape(D), sums["judges"].reshape(J)])
+                      sums["domain_score"].reshape(D), sums["judges"].reshape(J), sums["domain_judges"].reshape(J * D)])
     if reduce_fn is not None:
         flat = reduce_fn(flat)
     vals = flat.tolist()
     n, score, kl, length, no_eos = vals[:5]
-    d_count, d_score, judges = vals[5 : 5 + D], vals[5 + D : 5 + 2 * D], vals[5 + 2 * D :]
+    d_count, d_score, judges = vals[5 : 5 + D], vals[5 + D : 5 + 2 * D], vals[5 + 2 * D : 5 + 2 * D + J]
+    d_judges = vals[5 + 2 * D + J :]  # (J, D) row-major
     if n <= 0:
         return {}
     out = {"val/score": score / n, "val/kl": kl / n, "val/response_length": length / n, "val/no_eos_frac": no_eos / n}
     out.update({f"val/score/{d}": s / c for d, c, s in zip(domain_names, d_count, d_score) if c > 0})
     out.update({f"val/judge/{name}": s / n for name, s in zip(judge_names, judges)})
+    for j, name in enumerate(judge_names):
+        out.update({f"val/judge/{name}/{d}": d_judges[j * D + k] / c
+                    for k, (d, c) in enumerate(zip(domain_names, d_count)) if c > 0})
     return out
 
 
@@ -191,7 +195,8 @@ class OnlineEvaluator:
     def _zero_sums(self, device: torch.device, num_domains: int) -> dict[str, torch.Tensor]:
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return {"count": z(()), "score": z(()), "kl": z(()), "length": z(()), "no_eos": z(()),
-                "domain_count": z(num_domains), "domain_score": z(num_domains), "judges": z(len(self.specs))}
+                "domain_count": z(num_domains), "domain_score": z(num_domains), "judges": z(len(self.specs)),
+                "domain_judges": z(len(self.specs), num_domains)}
 
     # ------------------------------------------------------------------ the pass
     @torch.no_grad()
@@ -251,6 +256,7 @@ class OnlineEvaluator:
         sums["domain_score"].index_add_(0, domain_ids, scores)
         for j, name in enumerate(judged):
             sums["judges"][j] += judged[name].sum()
+            sums["domain_judges"][j].index_add_(0, domain_ids, judged[name])
         return {"scores": scores, "kl": kl, **{f"judge/{k}": v for k, v in judged.items()}}
 
     def compute_and_reset(self, module: Any) -> dict[str, float]:
