@@ -204,8 +204,7 @@ def prompt_data(args: argparse.Namespace, rl_file: str, val_file: str | None, se
 
     return PromptDataModule(train_path=rl_file, val_path=val_file, val_fraction=0.0, apply_chat_template=False,
                             batch_size=args.batch_size, val_batch_size=args.val_batch_size, max_prompt_length=64,
-                            skip_invalid_rows=True, max_train_rows=args.iterations * args.batch_size,
-                            max_val_rows=args.val_prompts, seed=seed)
+                            skip_invalid_rows=True, max_train_rows=args.iterations * args.batch_size, seed=seed)
 
 
 def run_arm(args: argparse.Namespace, root: Path, arm: str, seed: int, proxy: str, rl_file: str,
@@ -362,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per PPO iteration (even)")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--critic-lr", type=float, default=1e-3)
     p.add_argument("--kl-coef", type=float, default=0.01)
     p.add_argument("--ppo-epochs", type=int, default=4)
@@ -411,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         rng = random.Random(args.data_seed)
         rng.shuffle(train_prompts)
         pair_prompts = train_prompts[: args.pair_prompts]
+        rng.shuffle(eval_prompts)
+        eval_prompts = eval_prompts[: args.val_prompts]  # one fixed held-out set for every arm and seed
         rl_file = write_jsonl(root / "rl_prompts.jsonl", train_prompts)
         val_file = write_jsonl(root / "eval_prompts.jsonl", eval_prompts)
         pairs, head["pairs"] = gold_pairs(args, pair_prompts, gold)
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{arm} seed {seed}: gold {run['points'][0]['gold']:+.4f} -> {last['gold']:+.4f}, proxy "
                       f"{run['points'][0]['proxy']:+.4f} -> {last['proxy']:+.4f}, KL {last['kl']:.2f} "
                       f"({run['seconds']:.0f} s)", file=sys.stderr, flush=True)
-        head["val_prompts"] = min(args.val_prompts, len(eval_prompts))
+        head["val_prompts"] = len(eval_prompts)
     head["wall_s"] = time.perf_counter() - start
     print(format_tables(head, runs), flush=True)
     out = Path(args.out)
