@@ -13,7 +13,10 @@ the training prompts; ``data.max_val_rows`` caps it). Each validation batch is
 
 Sums and counts (never per-rank means) are all-reduced over ranks at the end of the pass; logged:
 ``val/score`` (mean training reward), ``val/score/<domain>``, ``val/kl``, ``val/response_length``,
-``val/no_eos_frac``, ``val/judge/<name>`` and ``val/judge/<name>/<domain>``. ``ModelCheckpoint(monitor="val/score", mode="max")`` selects by it.
+``val/no_eos_frac``, ``val/judge/<name>`` and ``val/judge/<name>/<domain>``.
+``ModelCheckpoint(monitor="val/score", mode="max")`` selects by it; with ``val_check_interval: 1`` also set its
+``save_on_train_epoch_end: false`` (Lightning reads an interval of 1 as "once per epoch" and would otherwise save only
+at the end of the training epoch, with the last pass's value).
 
 Under DDP, Lightning's distributed sampler pads the validation split to a multiple of the world size by repeating
 a few prompts; those repeats are counted (at most ``world_size - 1`` rows).
