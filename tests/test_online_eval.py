@@ -186,3 +186,28 @@ def test_bad_eval_rewards_fail_at_construction_naming_the_flag():
         _module(eval_rewards={"gold": {"init_args": {}}})
     with pytest.raises(ValueError, match="model.eval_rewards"):
         check_eval_rewards({"a/b": "some/path"})
+
+
+def test_greedy_validation_ignores_the_seed_and_sampling_does_not(tmp_path):
+    module = _module(eval_rewards=None, val_greedy=True)
+    dm = _data()
+    greedy = _trainer(tmp_path).validate(module, datamodule=dm, verbose=False)[0]
+    module.evaluator.seed = 123
+    assert _trainer(tmp_path).validate(module, datamodule=dm, verbose=False)[0] == greedy
+    # greedy decoding by hand (argmax continuation of each prompt alone) gives the same responses' score
+    tok, count, scores = module.tokenizer, TokenCountReward("e"), []
+    for batch in dm.val_dataloader():
+        for i in range(len(batch.prompts)):
+            ids = batch.input_ids[i][batch.attention_mask[i].bool()][None]
+            for _ in range(module.generator.max_new_tokens):
+                with torch.no_grad():
+                    nxt = module.policy(ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], 1)
+                if int(nxt) == tok.eos_token_id:
+                    break
+            n_prompt = int(batch.attention_mask[i].sum())
+            scores.append(count([""], [tok.decode(ids[0, n_prompt:], skip_special_tokens=True)])[0])
+    assert greedy["val/score"] == pytest.approx(sum(scores) / len(scores), rel=1e-6)
+    sampled = [_trainer(tmp_path).validate(_module(eval_rewards=None, val_seed=s), datamodule=dm, verbose=False)[0]
+               for s in (0, 1)]
+    assert sampled[0]["val/score"] != sampled[1]["val/score"] or sampled[0]["val/kl"] != sampled[1]["val/kl"]
