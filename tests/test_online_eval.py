@@ -211,3 +211,17 @@ def test_greedy_validation_ignores_the_seed_and_sampling_does_not(tmp_path):
     sampled = [_trainer(tmp_path).validate(_module(eval_rewards=None, val_seed=s), datamodule=dm, verbose=False)[0]
                for s in (0, 1)]
     assert sampled[0]["val/score"] != sampled[1]["val/score"] or sampled[0]["val/kl"] != sampled[1]["val/kl"]
+
+
+def test_static_engine_validation_seeds_each_prompt(tmp_path):
+    """With the static engine every prompt draws from its own counter RNG: the same weights give the same numbers,
+    and the same responses (so the same score) whatever the validation batch size."""
+    module = _module(eval_rewards=None, rollout_engine="static")
+    dm = _data()
+    first = _trainer(tmp_path).validate(module, datamodule=dm, verbose=False)[0]
+    assert _trainer(tmp_path).validate(module, datamodule=dm, verbose=False)[0] == first
+    dm_one = _data()
+    dm_one.val_batch_size = 1  # no padding at all: each prompt sampled alone
+    alone = _trainer(tmp_path).validate(module, datamodule=dm_one, verbose=False)[0]
+    assert alone["val/score"] == pytest.approx(first["val/score"], rel=1e-6)
+    assert alone["val/response_length"] == pytest.approx(first["val/response_length"], rel=1e-6)
