@@ -33,6 +33,7 @@ from lightning_rlhf.losses.ppo import KLEstimator, PolicyLossOutput, entropy_fro
 from lightning_rlhf.losses.ppo import token_rewards, value_loss
 from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.online_eval import OnlineEvaluator, RewardSpec
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
 from lightning_rlhf.rewards import RewardSource, build_reward_source
@@ -91,6 +92,9 @@ class PPOModule(RLHFModule):
     ``policy/clip_frac``, ``policy/approx_kl``, ``value/loss``, ``value/clip_frac``, ``value/explained_var``,
     ``response/length``, ``response/no_eos_frac``, ``time/{generate,score,update}`` (s, this rank) and
     ``tokens_per_s/{generate,score,update}``; sample prompts/responses as a TensorBoard text table.
+    On validation (every ``trainer.val_check_interval`` iterations, over the prompt module's validation split; see
+    :mod:`lightning_rlhf.methods.online_eval`): ``val/score``, ``val/score/<domain>``, ``val/kl``,
+    ``val/response_length``, ``val/no_eos_frac``, ``val/judge/<name>``.
 
     Args:
         model_name_or_path: Policy to train (usually an SFT export): hub id, folder, or ``builtin:tiny-llama``.
@@ -169,6 +173,10 @@ class PPOModule(RLHFModule):
         seed: Base seed of rollout sampling and minibatch shuffling (per rank and iteration, resumable).
         log_samples_every_n: Log a text table of samples every N iterations (0 disables).
         num_logged_samples: Rows in that table.
+        eval_rewards: Judges scored on the validation samples beside the training reward, never trained on:
+            ``{name: reward model path | {class_path, init_args}}``, logged as ``val/judge/<name>``.
+        val_greedy: Decode validation responses greedily (default: sample with the training settings).
+        val_seed: Seed of validation sampling; with the prompt ids it fixes the samples of given weights.
         lr: Policy learning rate (PPO-max: 1e-6; raise it for small models).
         micro_batch_size: Rows per forward/backward micro-batch in the update (gradient accumulation).
     """
@@ -221,6 +229,9 @@ class PPOModule(RLHFModule):
         seed: int = 0,
         log_samples_every_n: int = 10,
         num_logged_samples: int = 4,
+        eval_rewards: Optional[dict[str, RewardSpec]] = None,
+        val_greedy: bool = False,
+        val_seed: int = 0,
         lr: float = 1e-6,
         **kwargs: Any,
     ) -> None:
@@ -328,6 +339,7 @@ class PPOModule(RLHFModule):
         self._ptx_batch: Optional[TokenBatch] = None  # this iteration's batch of the `ptx` data stream
         self.reward_source: Optional[RewardSource] = None
         self.experience_maker: Optional[ExperienceMaker] = None
+        self.evaluator = OnlineEvaluator(eval_rewards, greedy=val_greedy, seed=val_seed)
 
     def is_logging_step(self) -> bool:
         """Always: a PPO training step is a whole iteration (its optimizer steps would not line up with Lightning's
@@ -795,6 +807,13 @@ class PPOModule(RLHFModule):
         if self.max_iterations is not None and self.iteration >= self.max_iterations:
             self.trainer.should_stop = True
         return {k: torch.tensor(float(v)) for k, v in logged.items()}
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Held-out evaluation (:mod:`lightning_rlhf.methods.online_eval`): sample with fixed seeds, score, judge."""
+        self.evaluator.validation_step(self, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluator.log(self)
 
     def rollout_statistics(self, exp: Experience, upd: dict[str, float], t_update: float) -> dict[str, float]:
         """Iteration statistics; sums and counts are reduced across ranks in one all-reduce."""

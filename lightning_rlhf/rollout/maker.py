@@ -253,17 +253,11 @@ class ExperienceMaker:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def reward_input(self, exp: Experience) -> RewardInput:
-        """What the reward source sees of ``exp``: ids, masks, prompt texts and (when it reads text) the decoded
-        responses, which are also kept in ``exp.extras["responses"]``."""
-        texts: list[str] = []
-        if self.reward_source is not None and self.reward_source.needs_text:
-            texts = exp.extras.get("responses") or self.decode_responses(exp)
-            exp.extras["responses"] = texts
-        return RewardInput(
-            sequences=exp.sequences, attention_mask=exp.attention_mask, prompt_length=exp.prompt_length,
-            action_mask=exp.action_mask, prompts=list(exp.extras.get("prompts", [])), responses=texts,
-            extras={k: v for k, v in exp.extras.items() if not k.startswith("_") and k not in _INTERNAL_EXTRAS},
-        )
+        """What the reward source sees of ``exp`` (:func:`reward_input`); responses are decoded (and kept in
+        ``exp.extras["responses"]``) when the source reads text."""
+        if self.reward_source is not None and self.reward_source.needs_text and "responses" not in exp.extras:
+            exp.extras["responses"] = self.decode_responses(exp)
+        return reward_input(exp)
 
     def score(self, exp: Experience) -> torch.Tensor:
         """``(B,)`` float32 raw scores from the reward source, on ``exp``'s device."""
@@ -292,3 +286,15 @@ class ExperienceMaker:
 
 #: per-row tensors of the experience that are not data a reward function reads
 _INTERNAL_EXTRAS = ("rollout_logprobs", "features")
+
+
+def reward_input(exp: Experience) -> RewardInput:
+    """What a reward source sees of ``exp``: ids, masks, the prompt texts, the decoded responses when
+    ``exp.extras["responses"]`` holds them (else none), and the per-row data of the extras (prompt ids, domains,
+    ``stopped_by_eos``...; not the internal tensors)."""
+    return RewardInput(
+        sequences=exp.sequences, attention_mask=exp.attention_mask, prompt_length=exp.prompt_length,
+        action_mask=exp.action_mask, prompts=list(exp.extras.get("prompts", [])),
+        responses=list(exp.extras.get("responses") or []),
+        extras={k: v for k, v in exp.extras.items() if not k.startswith("_") and k not in _INTERNAL_EXTRAS},
+    )
