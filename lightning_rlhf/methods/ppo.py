@@ -508,10 +508,15 @@ class PPOModule(RLHFModule):
         t1 = self._sync_time()
         features = self.feature_source if self.experience_hooks.needs_features else None
         maker.forward_passes(exp, self.policy, self.reference, self.critic, self.value_head, features)
-        exp.scores = maker.score(exp)  # (B,)
+        exp.scores = self.score(exp)  # (B,)
         t2 = self._sync_time()
         exp.extras["_timing"] = {"generate": t1 - t0, "score": t2 - t1}
         return exp
+
+    def score(self, exp: Experience) -> torch.Tensor:
+        """``(B,)`` raw scores of the rollouts from the reward source (through the experience maker)."""
+        assert self.experience_maker is not None, "build_models() was not called"
+        return self.experience_maker.score(exp)
 
     def decode_responses(self, exp: Experience) -> list[str]:
         """Response texts up to and including EOS (special tokens skipped)."""
