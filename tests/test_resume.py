@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from lightning_rlhf.cli import main
 from lightning_rlhf.data.resumable import ResumableSampler
+from tests.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,8 +116,7 @@ def _cli_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # same CPU arithmetic as this process
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_distributed([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, timeout=600)
 
 
 def _assert_same_run(resumed: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
