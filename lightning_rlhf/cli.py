@@ -21,6 +21,7 @@ import lightning_rlhf.methods  # noqa: F401
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.rng_state import RNGStateCallback
 from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.models.factory import check_model_path
 
 
 class RLHFCLI(LightningCLI):
@@ -58,6 +59,35 @@ class RLHFCLI(LightningCLI):
             }
         )
 
+    # --- start-time checks: paths named by their flag, construction errors not buried ---
+    def _subcommand_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Every ``*_name_or_path`` argument of the model and data that looks like a local folder must exist: a typo
+        fails now, naming the flag, instead of being tried as a hub id (a minute of retries)."""
+        config = self._subcommand_config()
+        for group in ("model", "data"):
+            init_args = _get(config, f"{group}.init_args")
+            if init_args is None:
+                continue
+            for key in sorted(dict(vars(init_args)) if hasattr(init_args, "__dict__") else init_args):
+                value = _get(init_args, key)
+                if key.endswith("_name_or_path") and isinstance(value, str):
+                    check_model_path(value, f"{group}.{key}")
+
+    def instantiate_classes(self) -> None:
+        """jsonargparse reports an error raised while building the model or data module inside a dump of every
+        argument ("Does not validate against any of the Union subtypes ... Given value: Namespace(...)"); re-raise the
+        error itself instead."""
+        try:
+            super().instantiate_classes()
+        except Exception as e:
+            root = _root_cause(e)
+            if root is e:
+                raise
+            raise root from None
+
     # --- fault tolerance: default callbacks ---
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -65,6 +95,26 @@ class RLHFCLI(LightningCLI):
             if not any(isinstance(cb, cls) for cb in trainer.callbacks):
                 trainer.callbacks.append(cls())
         return trainer
+
+
+def _get(namespace: Any, dotted: str) -> Any:
+    """``namespace.a.b`` for a dotted key of a jsonargparse Namespace or dict (``None`` when missing)."""
+    value = namespace
+    for part in dotted.split("."):
+        if value is None:
+            return None
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The exception at the end of ``error``'s ``__cause__`` chain: what the constructor raised, below jsonargparse's
+    union-validation wrapper (which keeps it as ``__cause__``)."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
 
 
 def _has_omegaconf() -> bool:

@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_rlhf.models.factory import DType, load_tokenizer
+from lightning_rlhf.models.factory import DType, check_model_path, load_tokenizer
 from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
 
@@ -142,6 +142,7 @@ class RLHFModule(L.LightningModule):
         self.lora_target_modules = lora_target_modules
         self.iteration = 0
         self.nonfinite_steps = 0  # optimizer steps skipped because of NaN/inf (saved in checkpoints)
+        check_model_path(model_name_or_path, "model.model_name_or_path")
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         self._models_built = False
         self._param_ndims: dict[str, int] = {}  # parameter ranks before sharding (FSDP flattens them)
@@ -250,6 +251,22 @@ class RLHFModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None and stage == "fit":
             self.check_strategy()
+            self.check_micro_batch_size()
+
+    def check_micro_batch_size(self, batch_size: int | None = None) -> None:
+        """Warn when ``model.micro_batch_size`` exceeds the batch (then every batch is one micro-batch).
+
+        Args:
+            batch_size: Examples per training batch and rank; default: the data module's ``batch_size``.
+        """
+        if batch_size is None and self._trainer is not None:
+            batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if self.micro_batch_size is not None and batch_size and self.micro_batch_size > batch_size:
+            log.warning(
+                "model.micro_batch_size (%d) > data.batch_size (%d): each batch is a single micro-batch, no gradient "
+                "accumulation happens. Lower model.micro_batch_size or raise data.batch_size.",
+                self.micro_batch_size, batch_size,
+            )
 
     def check_strategy(self, strategy: Any = None, batch_size: int | None = None) -> None:
         """Fail at start, naming the fix, when the strategy cannot run this module as configured; translate what can

@@ -122,6 +122,8 @@ class BaselineSamplerModule(RLHFModule):
             raise ValueError(f"model.quantile_q must be in [0, 1], got {quantile_q}")
         if rollout_engine not in ("hf", "static"):
             raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0 (the baseline pass samples), got {temperature}")
         self.output_path = output_path
         self.num_samples = num_samples
         self.agg: Aggregation = agg

@@ -194,6 +194,8 @@ class PPOModule(RLHFModule):
             raise ValueError("model.ptx_coef > 0 needs model.ptx_data (DemonstrationDataModule arguments)")
         if critic_lr <= 0:
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0 (PPO samples its responses), got {temperature}")
         if rollout_engine not in ("hf", "static"):
             raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
         if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
