@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,7 @@ import lightning_rlhf.methods  # noqa: F401
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.rng_state import RNGStateCallback
 from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.checkpoint_io import verify_checkpoint
 from lightning_rlhf.models.factory import check_model_path
 
 
@@ -59,6 +61,23 @@ class RLHFCLI(LightningCLI):
             }
         )
 
+    # --- resume: --ckpt_path last finds the run's last checkpoint; checkpoints are verified before anything reads them
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            ckpt_path = config.get("ckpt_path")
+            if ckpt_path in RESUME_VALUES:
+                # the command line is the same as the interrupted run's: its hyperparameters are not re-read from the
+                # checkpoint (as with Lightning's own "last")
+                config.ckpt_path = resolve_resume(config, ckpt_path)
+                if config.ckpt_path and Path(config.ckpt_path).is_file():
+                    verify_checkpoint(str(config.ckpt_path))
+                return
+            if ckpt_path and Path(ckpt_path).is_file():
+                verify_checkpoint(str(ckpt_path))  # before LightningCLI unpickles its hyperparameters
+        super()._parse_ckpt_path()
+
     # --- start-time checks: paths named by their flag, construction errors not buried ---
     def _subcommand_config(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -95,6 +114,113 @@ class RLHFCLI(LightningCLI):
             if not any(isinstance(cb, cls) for cb in trainer.callbacks):
                 trainer.callbacks.append(cls())
         return trainer
+
+
+RESUME_VALUES = ("last", "last_or_fresh")
+
+
+class NothingToResumeError(FileNotFoundError):
+    """``--ckpt_path last`` found no checkpoint of the run."""
+
+
+def _class_name(spec: Any) -> str:
+    return str(_get(spec, "class_path") or "").rpartition(".")[2]
+
+
+def _checkpoint_dirpaths(config: Any) -> list[str]:
+    """``dirpath`` of every ``ModelCheckpoint`` in ``trainer.callbacks`` that sets one."""
+    callbacks = _get(config, "trainer.callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return [str(_get(cb, "init_args.dirpath")) for cb in callbacks
+            if _class_name(cb) == "ModelCheckpoint" and _get(cb, "init_args.dirpath")]
+
+
+def _run_logger(config: Any) -> Any:
+    """The ``trainer.logger`` spec when it is one TensorBoard or CSV logger (versioned ``save_dir/name/version_N``)."""
+    logger = _get(config, "trainer.logger")
+    logger = logger[0] if isinstance(logger, list) and len(logger) == 1 else logger
+    if _class_name(logger) in ("TensorBoardLogger", "CSVLogger"):
+        return logger
+    return None
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    return max(paths, key=lambda p: (p.stat().st_mtime_ns, str(p))) if paths else None
+
+
+def _last_checkpoints(folder: Path) -> list[Path]:
+    """``last.ckpt`` and ``last-v1.ckpt``... in a checkpoint folder (temporary files are dot-files: ignored)."""
+    return [p for p in folder.glob("last*.ckpt") if p.is_file()] if folder.is_dir() else []
+
+
+def resolve_resume(config: Any, mode: str) -> str | None:
+    """The checkpoint file ``--ckpt_path last`` / ``last_or_fresh`` means, and the logger pointed at its run.
+
+    * A ``ModelCheckpoint`` with an explicit ``dirpath`` in ``trainer.callbacks``: the newest ``last*.ckpt`` there.
+    * Otherwise, with a TensorBoard or CSV logger (the default): the newest ``last*.ckpt`` in
+      ``<save_dir>/<name>/version_*/checkpoints`` (or in the logger's fixed ``version``), and the logger's ``version``
+      is set to that folder's, so the resumed run logs, checkpoints and exports in the same run folder.
+
+    One line names the checkpoint. With no checkpoint, ``last`` raises :class:`NothingToResumeError` (a resume that
+    silently started from step 0 would train again and overwrite the run's outputs); ``last_or_fresh`` says so and
+    returns ``None`` (start from scratch), for job scripts that always pass the same command.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    def say(message: str) -> None:
+        if rank_zero_only.rank == 0:
+            print(message, flush=True)
+
+    dirpaths = _checkpoint_dirpaths(config)
+    logger = _run_logger(config)
+    found: Path | None = None
+    if dirpaths:
+        where = " or ".join(dirpaths)
+        found = _newest([p for d in dirpaths for p in _last_checkpoints(Path(d))])
+    elif logger is not None:
+        init = _get(logger, "init_args")
+        save_dir = _get(init, "save_dir") or "."
+        name = _get(init, "name")
+        name = "lightning_logs" if name is None else str(name)
+        version = _get(init, "version")
+        run_root = Path(save_dir) / name if name else Path(save_dir)
+        if version is not None:
+            folders = [run_root / (version if isinstance(version, str) else f"version_{version}")]
+        else:
+            folders = [p for p in run_root.glob("version_*") if p.is_dir()]
+        where = str(run_root / ("version_*" if version is None else folders[0].name) / "checkpoints")
+        found = _newest([p for f in folders for p in _last_checkpoints(f / "checkpoints")])
+        if found is not None and version is None:
+            folder = found.parent.parent.name  # version_N
+            number = folder[len("version_"):]
+            init.version = int(number) if number.isdigit() else folder
+    else:
+        return mode if mode == "last" else None  # no known checkpoint folder: Lightning's own "last" lookup
+    if found is None:
+        message = f"--ckpt_path {mode}: no last.ckpt in {where}: nothing to resume."
+        if mode == "last":
+            raise NothingToResumeError(
+                f"{message} Run without --ckpt_path to start a new run (or with --ckpt_path last_or_fresh to resume "
+                "when there is a checkpoint and start fresh otherwise)."
+            )
+        say(f"{message} Starting a new run (--ckpt_path last_or_fresh).")
+        return None
+    step = _checkpoint_step(found)
+    say(f"Resuming from {found}" + (f" (global step {step})" if step is not None else "")
+        + (f"; logging into {found.parent.parent}" if not dirpaths and logger is not None else ""))
+    return str(found)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The ``global_step`` stored in a checkpoint, read without loading it (``None`` when unknown)."""
+    try:
+        import torch
+
+        verify_checkpoint(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state.get("global_step"))
+    except Exception:
+        return None
 
 
 def _get(namespace: Any, dotted: str) -> Any:
