@@ -551,12 +551,39 @@ class RLHFModule(L.LightningModule):
         return out
     # --- export under sharded strategies: end ---
 
+    def check_run_health(self) -> None:
+        """At the end of ``fit``: fail (non-zero exit, nothing exported) with a summary when most of the run's updates
+        were skipped for non-finite values, counted over the whole run (resumes included) and all ranks: optimizer
+        steps skipped by ``model.on_nonfinite: skip``, and samples dropped for a non-finite reward (a module with
+        ``scored_samples`` / ``nonfinite_reward_samples`` counters, e.g. PPO). A smaller share is summarised."""
+        steps = int(self.trainer.global_step) if self._trainer is not None else 0
+        scored = float(getattr(self, "scored_samples", 0.0) or 0.0)
+        dropped = float(getattr(self, "nonfinite_reward_samples", 0.0) or 0.0)
+        parts, fatal = [], False
+        if self.nonfinite_steps:
+            parts.append(f"{self.nonfinite_steps} of {steps} optimizer steps skipped for a non-finite loss or gradient "
+                         "(model.on_nonfinite=skip)")
+            fatal |= 2 * self.nonfinite_steps > steps
+        if dropped:
+            parts.append(f"{int(dropped)} of {int(scored)} rollout samples dropped for a non-finite reward "
+                         "(model.on_nonfinite_reward=drop)")
+            fatal |= 2 * dropped > scored
+        if not parts:
+            return
+        summary = "; ".join(parts)
+        if fatal:
+            raise RuntimeError(f"Most of this run's updates were skipped: {summary}. The model is not exported. Look "
+                               "at the warnings above for the first steps / samples at fault.")
+        log.warning("Non-finite values in this run: %s.", summary)
+
     def on_fit_end(self) -> None:
+        if any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks):  # callbacks/preemption.py
+            if self.resolved_export_dir() is not None:
+                log.warning("Training was stopped by a signal after a checkpoint: not exporting (resume to finish).")
+            return
+        self.check_run_health()
         directory = self.resolved_export_dir()
         if directory is None:
-            return
-        if any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks):  # callbacks/preemption.py
-            log.warning("Training was stopped by a signal after a checkpoint: not exporting (resume to finish).")
             return
         state_dict = self.gathered_export_state_dict()  # all ranks (collective under sharded strategies)
         if self.trainer.is_global_zero:

@@ -34,7 +34,8 @@ from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
-from lightning_rlhf.rewards import RewardInput, RewardSource, build_reward_source
+from lightning_rlhf.rewards import NonFiniteRewardPolicy, RewardInput, RewardSource, build_reward_source
+from lightning_rlhf.rewards import check_scores, describe_reward_source
 from lightning_rlhf.rollout.experience import Experience
 from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
 from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
@@ -87,6 +88,9 @@ class PPOModule(RLHFModule):
             sequence-classification model with one label). Exactly one of this and ``reward_fn``.
         reward_fn: Rule-based reward: ``{class_path: ..., init_args: {...}}`` of a callable
             ``fn(prompts, responses, **extras) -> list[float]``, e.g. ``lightning_rlhf.rewards.TokenCountReward``.
+        on_nonfinite_reward: A NaN/inf score from the reward source is reported (count, rows, prompt ids) and the
+            sample is left out of the update (``drop``; counted in ``reward/nonfinite_dropped``; a run that drops
+            more than half of its samples fails at the end), or the run stops naming the source (``fail``).
         critic: ``separate`` (value head on its own backbone) or ``shared`` (value head on the policy trunk).
         critic_model_name_or_path: Backbone of a separate critic; default: the reward model, else the policy.
         critic_lr: Learning rate of the critic parameter group (the policy group uses ``lr``).
@@ -142,6 +146,7 @@ class PPOModule(RLHFModule):
         ref_model_name_or_path: Optional[str] = None,
         reward_model_name_or_path: Optional[str] = None,
         reward_fn: Optional[dict[str, Any]] = None,
+        on_nonfinite_reward: NonFiniteRewardPolicy = "drop",
         critic: CriticKind = "separate",
         critic_model_name_or_path: Optional[str] = None,
         critic_lr: float = 5e-6,
@@ -196,6 +201,9 @@ class PPOModule(RLHFModule):
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0 (PPO samples its responses), got {temperature}")
+        if on_nonfinite_reward not in ("drop", "fail"):
+            raise ValueError(f"model.on_nonfinite_reward must be 'drop' or 'fail', got {on_nonfinite_reward!r}")
+        self.on_nonfinite_reward: NonFiniteRewardPolicy = on_nonfinite_reward
         if rollout_engine not in ("hf", "static"):
             raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
         if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
@@ -243,6 +251,9 @@ class PPOModule(RLHFModule):
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
         self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
+        # samples scored / dropped for a non-finite score, all ranks (checkpointed; read by the end-of-run check)
+        self.register_buffer("scored_samples", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("nonfinite_reward_samples", torch.zeros((), dtype=torch.float64))
         self._last_stats: dict[str, float] = {}
         self._ptx_iter: Optional[Iterator[TokenBatch]] = None
         self.reward_source: Optional[RewardSource] = None
@@ -461,6 +472,41 @@ class PPOModule(RLHFModule):
         )
         return self.reward_source(inp).to(exp.device).float()
 
+    def drop_nonfinite_rewards(self, exp: Experience) -> Experience:
+        """Leave samples whose raw score is NaN/inf out of the update (``model.on_nonfinite_reward``).
+
+        One process: those rows are removed (``exp.select``). Several ranks: every rank must run the same number of
+        minibatches and collectives, so the rows stay, with an empty response mask (no loss tokens, no score in the
+        token rewards) and the score replaced by the mean finite score of all ranks (the running moments' mean is
+        unchanged). A single process whose whole batch is non-finite stops with the report.
+        """
+        where = f"iteration {self.iteration}, rank {self.global_rank if self._trainer is not None else 0}"
+        keep = check_scores(exp.scores, describe_reward_source(self.reward_source), self.on_nonfinite_reward,
+                            exp.extras.get("prompt_ids"), where)
+        finite = exp.scores[keep]
+        n, n_bad, s = self._global_sums([torch.tensor(float(len(exp))), (~keep).sum(), finite.sum()])
+        self.scored_samples += n
+        self.nonfinite_reward_samples += n_bad
+        self.log("reward/nonfinite_dropped", float(self.nonfinite_reward_samples), on_step=True, on_epoch=False,
+                 batch_size=len(exp))
+        if n_bad == 0:
+            return exp
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            if not bool(keep.any()):
+                raise FloatingPointError(f"Every score of the rollout batch is non-finite ({where}); nothing to train "
+                                         f"on. Check {describe_reward_source(self.reward_source)}.")
+            return exp.select(keep.nonzero().flatten().cpu())
+        fill = s / max(n - n_bad, 1.0)
+        exp.scores = torch.where(keep, exp.scores, torch.full_like(exp.scores, fill))
+        dropped = ~keep.to(exp.action_mask.device)
+        exp.action_mask = exp.action_mask.masked_fill(dropped[:, None], 0)
+        exp.attention_mask[:, exp.prompt_length:] = exp.attention_mask[:, exp.prompt_length:].masked_fill(
+            dropped[:, None], 0)
+        for name in ("logprobs", "ref_logprobs", "values"):
+            setattr(exp, name, getattr(exp, name) * exp.action_mask)
+        return exp
+
     # ------------------------------------------------------------------ 2. score shaping
     def update_reward_moments(self, scores: torch.Tensor) -> None:
         """Fold this batch's scores (all ranks) into the running mean/variance (Chan's parallel update)."""
@@ -634,7 +680,7 @@ class PPOModule(RLHFModule):
     # ------------------------------------------------------------------ the iteration
     def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         """One PPO iteration: rollout -> scores/advantages -> PPO updates -> rank-reduced stats."""
-        exp = self.make_experience(batch)
+        exp = self.drop_nonfinite_rewards(self.make_experience(batch))
         self.compute_advantages(exp)
         t0 = self._sync_time()
         upd = self.ppo_update(exp)
