@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,7 +20,10 @@ from lightning.pytorch.cli import LightningCLI
 # imported so that their classes are known to the CLI (``--model DPOModule`` / ``--data PreferenceDataModule``)
 import lightning_rlhf.data  # noqa: F401
 import lightning_rlhf.methods  # noqa: F401
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
 from callbacks.preemption import CheckpointOnSigterm
+from callbacks.progress import RunProgressBar
 from callbacks.rng_state import RNGStateCallback
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.checkpoint_io import verify_checkpoint
@@ -113,6 +117,10 @@ class RLHFCLI(LightningCLI):
         for cls in (CheckpointOnSigterm, RNGStateCallback):
             if not any(isinstance(cb, cls) for cb in trainer.callbacks):
                 trainer.callbacks.append(cls())
+        # Lightning's default bar (per epoch) -> one bar for the whole run with its true total (callbacks/progress.py)
+        for i, cb in enumerate(trainer.callbacks):
+            if type(cb) in (TQDMProgressBar, RichProgressBar):  # Lightning's default (Rich when rich is installed)
+                trainer.callbacks[i] = RunProgressBar(refresh_rate=getattr(cb, "refresh_rate", 1) or 1)
         return trainer
 
 
@@ -251,9 +259,56 @@ def _has_omegaconf() -> bool:
     return True
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip: try installing litlogger / litmodels" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+def quiet_libraries(lightning_info: bool = True) -> None:
+    """Less noise on a run's console: no tqdm bars of weight loading / downloads (transformers, huggingface_hub) and
+    no Lightning tips; with ``lightning_info=False`` (the pipeline) also none of Lightning's info lines
+    (``GPU available: ...``, ``Seed set to ...``) and transformers' messages at error level only. Errors and warnings
+    of this package and of Lightning still show."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTips) for f in tips.filters):
+        tips.addFilter(_DropLightningTips())
+    if not lightning_info:
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
+                     "lightning.fabric.utilities.rank_zero"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if not lightning_info:
+            hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+    try:  # "tokenizing prompts" / "Flattening the indices" bars of the data modules' datasets.map calls
+        from datasets.utils.logging import disable_progress_bar as disable_datasets_bars
+
+        disable_datasets_bars()
+    except ImportError:
+        pass
+
+
 def main(args: list[str] | None = None) -> RLHFCLI:
     """Entry point of ``python cli.py`` and of the ``lightning-rlhf`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen reference/reward models
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # torch/Lightning internals
+    quiet_libraries()
     return RLHFCLI(args=args)
+
+
+if __name__ == "__main__":  # python -m lightning_rlhf.cli fit -c ... (from any folder)
+    main()

@@ -92,3 +92,16 @@ def test_temperature_error_names_the_real_flag(in_tmp):
     with pytest.raises(ValueError) as e:
         main(["fit", "-c", PPO, *QUICK, "--model.init_args.temperature=0"])
     assert "model.temperature must be > 0" in str(e.value) and "do_sample" not in str(e.value)
+
+
+def test_an_existing_export_is_not_overwritten_without_the_flag(in_tmp):
+    earlier = in_tmp / "sft_export"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")  # an earlier run's export
+    args = ["fit", "-c", SFT, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", f"--model.init_args.export_dir={earlier}"]
+    with Timer() as t, pytest.raises(FileExistsError, match="model.export_dir: .* already holds an exported model"):
+        main(args)
+    assert t.seconds < 30 and (earlier / "config.json").read_text() == "{}"
+    main([*args, "--model.init_args.overwrite_export=true", "--data.init_args.max_train_rows=4"])
+    assert (earlier / "model.safetensors").exists()

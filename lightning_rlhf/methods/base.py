@@ -72,7 +72,9 @@ class RLHFModule(L.LightningModule):
         trust_remote_code: Allow code from model repositories to run (off by default).
         attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); ``null`` = transformers' choice.
         export_dir: Where the trained model is saved as a plain Hugging Face folder at the end of ``fit``;
-            ``auto`` = ``<log dir>/export``; ``null`` disables export.
+            ``auto`` = ``<log dir>/export`` (each run's own version folder); ``null`` disables export. A folder given
+            by name that already holds an exported model is refused at start unless ``overwrite_export``.
+        overwrite_export: Allow ``export_dir`` to replace an earlier export.
         on_nonfinite: What to do when the loss or the gradient norm is NaN/inf on any rank: ``skip`` (drop the
             gradients, leave parameters and optimizer state unchanged, count it in ``train/nonfinite_steps``) or
             ``stop`` (raise an error naming the step).
@@ -103,6 +105,7 @@ class RLHFModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         export_dir: str | None = "auto",
+        overwrite_export: bool = False,
         on_nonfinite: NonFinitePolicy = "skip",
         lora_r: int = 0,
         lora_alpha: float = 16.0,
@@ -135,6 +138,7 @@ class RLHFModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
         self.export_dir = export_dir
+        self.overwrite_export = overwrite_export
         self.on_nonfinite = on_nonfinite
         self.lora_r = lora_r
         self.lora_alpha = lora_alpha
@@ -252,6 +256,19 @@ class RLHFModule(L.LightningModule):
         if self._trainer is not None and stage == "fit":
             self.check_strategy()
             self.check_micro_batch_size()
+            self.check_export_dir()
+
+    def check_export_dir(self) -> None:
+        """Refuse, at start, an ``export_dir`` given by name that already holds an exported model (a re-run would
+        overwrite it), unless ``model.overwrite_export``; ``auto`` exports into the run's own version folder."""
+        if self.export_dir in (None, "auto") or self.overwrite_export:
+            return
+        if (Path(self.export_dir) / "config.json").exists():
+            raise FileExistsError(
+                f"model.export_dir: {self.export_dir} already holds an exported model, which this run would overwrite. "
+                "Choose another folder, use model.export_dir: auto (the run's own log folder), or set "
+                "model.overwrite_export: true."
+            )
 
     def check_micro_batch_size(self, batch_size: int | None = None) -> None:
         """Warn when ``model.micro_batch_size`` exceeds the batch (then every batch is one micro-batch).
