@@ -4,6 +4,8 @@
     python cli.py fit -c configs/dpo/tiny.yaml --model.beta 0.2 --trainer.max_steps 50
     python cli.py fit --help                       # every method, data module and their arguments
     python cli.py fit --model.help DPOModule       # one method's arguments
+    python cli.py fit -c configs/dpo/tiny.yaml --ckpt_path last           # resume the run's last checkpoint
+    python cli.py fit -c configs/dpo/tiny.yaml --ckpt_path last_or_fresh  # ... or start a new run if there is none
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 # imported so that their classes are known to the CLI (``--model DPOModule`` / ``--data PreferenceDataModule``)
 import lightning_rlhf.data  # noqa: F401
 import lightning_rlhf.methods  # noqa: F401
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.progress import RunProgressBar
 from callbacks.rng_state import RNGStateCallback
-from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.checkpoint_io import verify_checkpoint
+from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.models.factory import check_model_path
 
 
@@ -37,6 +38,18 @@ class RLHFCLI(LightningCLI):
     :class:`~lightning_rlhf.checkpoint_io.AtomicCheckpointIO`), and unless ``trainer.callbacks`` already has one of
     them, :class:`callbacks.preemption.CheckpointOnSigterm` (SIGTERM -> checkpoint ``last.ckpt`` and stop) and
     :class:`callbacks.rng_state.RNGStateCallback` (RNG states in checkpoints, for exact resumes) are added.
+
+    Resuming: ``--ckpt_path last`` resumes the newest ``last*.ckpt`` of the same run (:func:`resolve_resume`: the
+    ``ModelCheckpoint`` folder if the config names one, else ``<save_dir>/<name>/version_*/checkpoints`` of the
+    logger), logs into that run's version folder, and prints one line naming the checkpoint; with no checkpoint it
+    stops with :class:`NothingToResumeError`. ``--ckpt_path last_or_fresh`` starts a new run instead (saying so).
+    Every local checkpoint is verified against its stored checksums before it is read
+    (:func:`lightning_rlhf.checkpoint_io.verify_checkpoint`).
+
+    Start-time checks: a ``*_name_or_path`` argument that looks like a local folder and does not exist fails naming
+    the flag; an error raised while building the model or data module is re-raised as it is (not inside
+    jsonargparse's dump of every argument). Lightning's progress bar is replaced by
+    :class:`callbacks.progress.RunProgressBar` (one bar per run, with the run's total).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -168,6 +181,7 @@ def resolve_resume(config: Any, mode: str) -> str | None:
     * Otherwise, with a TensorBoard or CSV logger (the default): the newest ``last*.ckpt`` in
       ``<save_dir>/<name>/version_*/checkpoints`` (or in the logger's fixed ``version``), and the logger's ``version``
       is set to that folder's, so the resumed run logs, checkpoints and exports in the same run folder.
+    * Without a logger: ``<trainer.default_root_dir>/checkpoints``.
 
     One line names the checkpoint. With no checkpoint, ``last`` raises :class:`NothingToResumeError` (a resume that
     silently started from step 0 would train again and overwrite the run's outputs); ``last_or_fresh`` says so and
@@ -202,8 +216,10 @@ def resolve_resume(config: Any, mode: str) -> str | None:
             folder = found.parent.parent.name  # version_N
             number = folder[len("version_"):]
             init.version = int(number) if number.isdigit() else folder
-    else:
-        return mode if mode == "last" else None  # no known checkpoint folder: Lightning's own "last" lookup
+    else:  # no logger: Lightning's default checkpoint folder is <default_root_dir>/checkpoints
+        folder = Path(_get(config, "trainer.default_root_dir") or ".") / "checkpoints"
+        where = str(folder)
+        found = _newest(_last_checkpoints(folder))
     if found is None:
         message = f"--ckpt_path {mode}: no last.ckpt in {where}: nothing to resume."
         if mode == "last":

@@ -92,3 +92,53 @@ def test_a_run_that_drops_most_samples_fails_with_a_summary(in_tmp):
     with pytest.raises(RuntimeError, match=r"Most of this run's updates were skipped: 9 of 12 rollout samples dropped"):
         main(_args(3))
     assert not (in_tmp / "export").exists()
+
+
+DDP_SCRIPT = r'''
+import json, sys
+import lightning as L
+import torch
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.methods.ppo import PPOModule
+
+L.seed_everything(0)
+module = PPOModule(
+    model_name_or_path="builtin:tiny-llama", lr=1e-2, critic_lr=1e-3, ppo_epochs=1, mini_batch_size=2,
+    micro_batch_size=1, max_new_tokens=6, max_iterations=2, log_samples_every_n=0, export_dir=None,
+    reward_fn={"class_path": "tests.test_nonfinite_rewards.NaNForSomeRows", "init_args": {"nan_rows": 1}},
+)
+module.configure_model()
+init = torch.cat([p.detach().flatten().clone() for p in module.parameters() if p.requires_grad])
+data = PromptDataModule(train_path="builtin:hh-rlhf", batch_size=4, max_prompt_length=48, skip_invalid_rows=True,
+                        max_train_rows=32, max_val_rows=4)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=-1, logger=False, limit_val_batches=0,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(module, data)
+flat = torch.cat([p.detach().flatten() for p in module.parameters() if p.requires_grad])
+spread = (trainer.strategy.all_gather(flat).std(0).max()).item()
+if trainer.is_global_zero:
+    json.dump({"spread": spread, "moved": (flat - init).abs().max().item(), "finite": bool(torch.isfinite(flat).all()),
+               "dropped": float(module.nonfinite_reward_samples), "scored": float(module.scored_samples),
+               "skipped_steps": module.nonfinite_steps, "global_step": trainer.global_step}, open(sys.argv[1], "w"))
+'''
+
+
+@pytest.mark.slow
+def test_two_ranks_mask_nonfinite_samples_and_stay_in_sync(tmp_path):
+    """Under DDP the rows stay (every rank runs the same minibatches) with an empty response mask: both ranks take
+    the same finite updates. Two ranks x 2 iterations x 4 prompts, one NaN per rank and iteration."""
+    import os
+    import sys
+
+    from tests.distributed import run_distributed
+
+    script = tmp_path / "nan_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = run_distributed([sys.executable, str(script), str(out)], cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dropped"] == 4 and result["scored"] == 16 and result["skipped_steps"] == 0
+    assert result["global_step"] == 4 and result["spread"] == 0.0 and result["finite"] and result["moved"] > 0
