@@ -88,9 +88,14 @@ def test_strict_option_fails_naming_the_reward_source(in_tmp):
     assert not (in_tmp / "export").exists()
 
 
-def test_a_run_that_drops_most_samples_fails_with_a_summary(in_tmp):
-    with pytest.raises(RuntimeError, match=r"Most of this run's updates were skipped: 9 of 12 rollout samples dropped"):
-        main(_args(3))
+@pytest.mark.parametrize("nan_rows,summary", [
+    (3, r"Most of this run's updates were skipped: 9 of 12 rollout samples dropped"),
+    # nothing finite: the batch keeps its NaNs and the non-finite guard skips every optimizer step
+    (4, r"Most of this run's updates were skipped: 3 of 3 optimizer steps skipped .*; 12 of 12 rollout samples"),
+])
+def test_a_run_that_drops_most_samples_fails_with_a_summary(in_tmp, nan_rows, summary):
+    with pytest.raises(RuntimeError, match=summary):
+        main(_args(nan_rows))
     assert not (in_tmp / "export").exists()
 
 

@@ -478,7 +478,8 @@ class PPOModule(RLHFModule):
         One process: those rows are removed (``exp.select``). Several ranks: every rank must run the same number of
         minibatches and collectives, so the rows stay, with an empty response mask (no loss tokens, no score in the
         token rewards) and the score replaced by the mean finite score of all ranks (the running moments' mean is
-        unchanged). A single process whose whole batch is non-finite stops with the report.
+        unchanged). When no score of any rank is finite the batch is left as it is: the non-finite guard then skips the
+        iteration's updates (``model.on_nonfinite``) and the running moments ignore the NaNs.
         """
         where = f"iteration {self.iteration}, rank {self.global_rank if self._trainer is not None else 0}"
         keep = check_scores(exp.scores, describe_reward_source(self.reward_source), self.on_nonfinite_reward,
@@ -489,13 +490,10 @@ class PPOModule(RLHFModule):
         self.nonfinite_reward_samples += n_bad
         self.log("reward/nonfinite_dropped", float(self.nonfinite_reward_samples), on_step=True, on_epoch=False,
                  batch_size=len(exp))
-        if n_bad == 0:
+        if n_bad == 0 or n_bad == n:
             return exp
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
-            if not bool(keep.any()):
-                raise FloatingPointError(f"Every score of the rollout batch is non-finite ({where}); nothing to train "
-                                         f"on. Check {describe_reward_source(self.reward_source)}.")
             return exp.select(keep.nonzero().flatten().cpu())
         fill = s / max(n - n_bad, 1.0)
         exp.scores = torch.where(keep, exp.scores, torch.full_like(exp.scores, fill))
