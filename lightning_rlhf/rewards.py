@@ -14,15 +14,73 @@ Two kinds:
       reward_fn:
         class_path: lightning_rlhf.rewards.TokenCountReward
         init_args: {token: "e"}
+
+Non-finite scores (NaN, inf) are caught where they enter, right after the source: :func:`check_scores` counts them,
+names the rows (and their prompt ids) and the source, and either returns the mask of finite rows (the PPO update
+then drops the others) or raises :class:`NonFiniteRewardError` naming the source.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
+
+NonFiniteRewardPolicy = Literal["drop", "fail"]
+
+
+class NonFiniteRewardError(FloatingPointError):
+    """A reward source returned NaN or inf. The message names the source, the rows and their prompt ids."""
+
+
+def describe_reward_source(source: Any) -> str:
+    """How messages name a reward source: its ``name`` attribute (set by :func:`build_reward_source`) or its class."""
+    return str(getattr(source, "name", None) or type(source).__name__)
+
+
+def check_scores(
+    scores: torch.Tensor,
+    source: str,
+    on_nonfinite: NonFiniteRewardPolicy = "drop",
+    prompt_ids: Optional[Sequence[Any]] = None,
+    where: str = "",
+) -> torch.Tensor:
+    """Find the non-finite entries of a batch of reward scores, report them, and fail or hand back what to keep.
+
+    Args:
+        scores: ``(B,)`` scores from a reward source.
+        source: The source's name for messages (:func:`describe_reward_source`).
+        on_nonfinite: ``drop``: log a warning naming the rows and return the finite-row mask; ``fail``: raise.
+        prompt_ids: ``B`` prompt ids, named next to the rows.
+        where: Context for the message, e.g. ``"iteration 3, rank 0"``.
+
+    Returns:
+        ``(B,)`` bool mask, True on rows with a finite score.
+
+    Raises:
+        NonFiniteRewardError: with ``on_nonfinite="fail"`` when any score is NaN or inf.
+    """
+    finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        return finite
+    rows = (~finite).nonzero().flatten().tolist()
+    values = scores.detach().float().cpu().tolist()
+    shown = ", ".join(
+        f"row {i}" + (f" (prompt id {prompt_ids[i]})" if prompt_ids is not None and i < len(prompt_ids) else "")
+        + f": {values[i]}" for i in rows[:8]
+    ) + (f", ... ({len(rows) - 8} more)" if len(rows) > 8 else "")
+    message = (f"Reward source {source} returned {len(rows)} non-finite score(s) of {len(values)}"
+               + (f" ({where})" if where else "") + f": {shown}.")
+    if on_nonfinite == "fail":
+        raise NonFiniteRewardError(f"{message} Stopping because model.on_nonfinite_reward=fail; fix the reward source, "
+                                   "or set model.on_nonfinite_reward: drop to leave such samples out of the update.")
+    log.warning("%s Dropped from the update (model.on_nonfinite_reward=drop).", message)
+    return finite
 
 
 @dataclass
@@ -131,6 +189,7 @@ class FunctionReward:
     """
 
     needs_text = True
+    name = "model.reward_fn"
 
     def __init__(self, fn: Union[RewardFunction, dict[str, Any], Any]) -> None:
         self.fn = instantiate_class_path(fn)
@@ -183,6 +242,7 @@ class ModelReward:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.needs_text = tokenizer is not None
+        self.name = "reward model"
         self.encoder = None
         if tokenizer is not None:
             from lightning_rlhf.data.modules import _Encoder
@@ -258,7 +318,9 @@ def build_reward_source(
     if (reward_model_name_or_path is None) == (reward_fn is None):
         raise ValueError("exactly one reward source is needed: set model.reward_model_name_or_path OR model.reward_fn")
     if reward_model_name_or_path is None:
-        return FunctionReward(reward_fn), None
+        source = FunctionReward(reward_fn)
+        source.name = f"model.reward_fn ({type(source.fn).__module__}.{type(source.fn).__qualname__})"
+        return source, None
     from lightning_rlhf.models.factory import load_tokenizer
     from lightning_rlhf.models.value import load_scalar_model
 
@@ -271,4 +333,5 @@ def build_reward_source(
     reward_model.requires_grad_(False).eval()
     source = ModelReward(reward_model, micro_batch_size=micro_batch_size, tokenizer=None if same_vocab else rm_tokenizer,
                          max_length=max_length, apply_chat_template=apply_chat_template)
+    source.name = f"model.reward_model_name_or_path ({reward_model_name_or_path})"
     return source, reward_model

@@ -5,7 +5,6 @@ the local batch size (DDP's gradient average over equal halves is then the full-
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lightning_rlhf.cli import main
 from lightning_rlhf.data.resumable import ResumableSampler
 from lightning_rlhf.models.factory import resolve_pretrained
 from lightning_rlhf.rollout.generation import GenerationOutput, truncate_at_eos
+from tests.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -80,7 +80,7 @@ def test_two_ddp_processes_match_one_process_with_the_whole_batch(method, in_tmp
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
         f"--data.batch_size={GLOBAL_BATCH // 2}", f"--model.export_dir={in_tmp / 'ddp'}",
     ]
-    proc = subprocess.run(cmd, cwd=in_tmp, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = run_distributed(cmd, cwd=in_tmp, env=subprocess_env(), timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Starting with 2 processes" in out, out[-4000:]
@@ -168,11 +168,8 @@ def test_ppo_iterations_on_fixed_responses_match_between_two_ranks_and_one(in_tm
     whitening or GRPO's batch std, the KL the controller reads, token / sequence counts of the loss) and the update
     give 2 ranks x 4 prompts the parameters of 1 x 8. A prompt's group of samples never spans two ranks."""
     run_fixed_experience_ppo(str(in_tmp / "single.pt"), devices=1, batch_size=8, variant=variant)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_ddp", str(in_tmp / "ddp.pt"), "2", "4", variant], cwd=in_tmp,
-        env=subprocess_env(),
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = run_distributed([sys.executable, "-m", "tests.test_ddp", str(in_tmp / "ddp.pt"), "2", "4", variant],
+                           cwd=in_tmp, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     single, ddp = torch.load(in_tmp / "single.pt"), torch.load(in_tmp / "ddp.pt")
     assert ddp["stats"]["world_size"] == 2 and single["stats"]["world_size"] == 1

@@ -36,7 +36,8 @@ from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.online_eval import OnlineEvaluator, RewardSpec
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
-from lightning_rlhf.rewards import RewardSource, build_reward_source
+from lightning_rlhf.rewards import NonFiniteRewardPolicy, RewardSource, build_reward_source
+from lightning_rlhf.rewards import check_scores, describe_reward_source
 from callbacks.protocols import KL_SCALE
 from lightning_rlhf.rollout.annotations import ExperienceHooks
 from lightning_rlhf.rollout.experience import Experience
@@ -103,6 +104,9 @@ class PPOModule(RLHFModule):
             sequence-classification model with one label). Exactly one of this and ``reward_fn``.
         reward_fn: Rule-based reward: ``{class_path: ..., init_args: {...}}`` of a callable
             ``fn(prompts, responses, **extras) -> list[float]``, e.g. ``lightning_rlhf.rewards.TokenCountReward``.
+        on_nonfinite_reward: A NaN/inf score from the reward source is reported (count, rows, prompt ids) and the
+            sample is left out of the update (``drop``; counted in ``reward/nonfinite_dropped``; a run that drops
+            more than half of its samples fails at the end), or the run stops naming the source (``fail``).
         critic: ``separate`` (value head on its own backbone), ``shared`` (value head on the policy trunk) or ``none``
             (no value model is built: the critic-free estimators ``grpo``, ``rloo``, ``reinforce_pp`` need none).
         critic_model_name_or_path: Backbone of a separate critic; default: the reward model, else the policy.
@@ -189,6 +193,7 @@ class PPOModule(RLHFModule):
         ref_model_name_or_path: Optional[str] = None,
         reward_model_name_or_path: Optional[str] = None,
         reward_fn: Optional[dict[str, Any]] = None,
+        on_nonfinite_reward: NonFiniteRewardPolicy = "drop",
         critic: CriticKind = "separate",
         critic_model_name_or_path: Optional[str] = None,
         critic_lr: float = 5e-6,
@@ -276,6 +281,11 @@ class PPOModule(RLHFModule):
             )
         if critic_lr <= 0:
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0 (PPO samples its responses), got {temperature}")
+        if on_nonfinite_reward not in ("drop", "fail"):
+            raise ValueError(f"model.on_nonfinite_reward must be 'drop' or 'fail', got {on_nonfinite_reward!r}")
+        self.on_nonfinite_reward: NonFiniteRewardPolicy = on_nonfinite_reward
         if rollout_engine not in ("hf", "static"):
             raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
         if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
@@ -335,6 +345,9 @@ class PPOModule(RLHFModule):
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
         self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
+        # samples scored / dropped for a non-finite score, all ranks (checkpointed; read by the end-of-run check)
+        self.register_buffer("scored_samples", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("nonfinite_reward_samples", torch.zeros((), dtype=torch.float64))
         self._last_stats: dict[str, float] = {}
         self._ptx_batch: Optional[TokenBatch] = None  # this iteration's batch of the `ptx` data stream
         self.reward_source: Optional[RewardSource] = None
@@ -522,6 +535,41 @@ class PPOModule(RLHFModule):
         """Response texts up to and including EOS (special tokens skipped)."""
         assert self.experience_maker is not None, "build_models() was not called"
         return self.experience_maker.decode_responses(exp)
+
+    def drop_nonfinite_rewards(self, exp: Experience) -> Experience:
+        """Leave samples whose raw score is NaN/inf out of the update (``model.on_nonfinite_reward``).
+
+        One process: those rows are removed (``exp.select``). Several ranks, or a group estimator (``grpo``,
+        ``rloo``, which need every prompt's whole group): every rank must run the same number of minibatches and
+        collectives, so the rows stay, with an empty response mask (no loss tokens, no score in the token rewards) and
+        the score replaced by the mean finite score of all ranks (the running moments' mean is unchanged; in a group
+        estimator that stand-in score enters its group's baseline). When no score of any rank is finite the batch is left as it is: the non-finite guard then skips the
+        iteration's updates (``model.on_nonfinite``) and the running moments ignore the NaNs.
+        """
+        where = f"iteration {self.iteration}, rank {self.global_rank if self._trainer is not None else 0}"
+        keep = check_scores(exp.scores, describe_reward_source(self.reward_source), self.on_nonfinite_reward,
+                            exp.extras.get("prompt_ids"), where)
+        finite = exp.scores[keep]
+        n, n_bad, s = self._global_sums([torch.tensor(float(len(exp))), (~keep).sum(), finite.sum()])
+        self.scored_samples += n
+        self.nonfinite_reward_samples += n_bad
+        self.log("reward/nonfinite_dropped", float(self.nonfinite_reward_samples), on_step=True, on_epoch=False,
+                 batch_size=len(exp))
+        if n_bad == 0 or n_bad == n:
+            return exp
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 and self.advantage not in ("grpo", "rloo"):  # (group estimators need whole groups: masked)
+            return exp.select(keep.nonzero().flatten().cpu())
+        fill = s / max(n - n_bad, 1.0)
+        exp.scores = torch.where(keep, exp.scores, torch.full_like(exp.scores, fill))
+        dropped = ~keep.to(exp.action_mask.device)
+        exp.action_mask = exp.action_mask.masked_fill(dropped[:, None], 0)
+        exp.attention_mask[:, exp.prompt_length:] = exp.attention_mask[:, exp.prompt_length:].masked_fill(
+            dropped[:, None], 0)
+        for name in ("logprobs", "ref_logprobs", "values"):
+            if getattr(exp, name) is not None:  # (no values without a critic)
+                setattr(exp, name, getattr(exp, name) * exp.action_mask)
+        return exp
 
     # ------------------------------------------------------------------ 2. score shaping
     def update_reward_moments(self, scores: torch.Tensor) -> None:
@@ -789,7 +837,7 @@ class PPOModule(RLHFModule):
         TokenBatch}`` (the ptx batch feeds the ptx term of this iteration's optimizer steps)."""
         if isinstance(batch, Mapping):
             batch, self._ptx_batch = batch["prompts"], batch.get("ptx")
-        exp = self.make_experience(batch)
+        exp = self.drop_nonfinite_rewards(self.make_experience(batch))
         self.compute_advantages(exp)
         t0 = self._sync_time()
         upd = self.ppo_update(exp)
