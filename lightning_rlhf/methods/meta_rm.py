@@ -129,6 +129,11 @@ class MetaRewardModelModule(RewardModelModule):
         self._val_stds: list[torch.Tensor] = []
 
     @property
+    def required_streams(self) -> tuple[str, str]:
+        """The data streams a :class:`~lightning_rlhf.data.streams.MultiStreamDataModule` must declare."""
+        return (self.preference_stream, self.sample_stream)
+
+    @property
     def eta(self) -> float:
         """The meta step size."""
         return float(self.lr if self.meta_lr is None else self.meta_lr)
