@@ -66,6 +66,7 @@ def test_validation_on_held_out_policy_samples(samples_dir, monkeypatch):
     assert len(hist) == 5 and sum(hist) == pytest.approx(1.0) and max(hist) > 0
     assert 0 < float(m["val/samples/norm_abs_delta_mean"]) <= 1
     assert float(m["val/samples/score_std"]) > 0 and float(m["val/samples/num_pairs"]) > 0
+    assert "val/accuracy" not in m  # no preference batches in this validation: no (NaN) accuracy logged
 
 
 SCHEDULE = [{"class_path": "callbacks.meta_step.MetaStepSchedule", "init_args": {"every_n_steps": 2,

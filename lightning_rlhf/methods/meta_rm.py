@@ -150,7 +150,7 @@ class MetaRewardModelModule(RewardModelModule):
                 f"MetaRewardModelModule does not support strategy {type(strategy).__name__}: the meta step shifts the "
                 "parameters in place, takes an extra backward pass whose gradient it reduces itself, and restores the "
                 f"parameters bit for bit, which the {kind} engine's sharded parameters and its own backward/step do "
-                "not allow. Use strategy ddp (or one device); for a model too large for that, use model.lora_r > 0."
+                "not allow. Use strategy ddp (or one device)."
             )
         if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
@@ -364,7 +364,8 @@ class MetaRewardModelModule(RewardModelModule):
             raise TypeError(f"unexpected validation batch {type(batch).__name__}")
 
     def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
+        if self.val_metrics is not None and self.val_metrics.accuracy.update_count > 0:  # preference batches seen
+            super().on_validation_epoch_end()
         metrics = self.sample_set_metrics()
         if metrics:
             self.log_dict(metrics, sync_dist=False)
