@@ -13,7 +13,7 @@ from the current (shifted) policy, and does:
 
 ``meta_order: first`` is the paper's algorithm and its authors' implementation: back up the parameters, take the meta
 step in place, back-propagate the loss at ``theta'``, restore the backed-up parameters (bit for bit), step the
-optimizer. ``meta_order: second`` (our extension, for small models and LoRA) differentiates through the meta step:
+optimizer. ``meta_order: second`` (our extension, for small models) differentiates through the meta step:
 the gradient is ``d/dtheta L(theta + eta * dJ/dtheta) = g' + eta * H_J(theta) g'`` with ``g' = dL/dtheta'(theta')``;
 the Hessian-vector product is a double backward through ``dJ/dtheta`` (``create_graph=True``), recomputed micro-batch
 by micro-batch so that no graph outlives its micro-batch.
