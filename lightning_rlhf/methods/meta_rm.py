@@ -67,7 +67,7 @@ class MetaRewardModelModule(RewardModelModule):
 
     Args:
         meta_order: ``first`` (the paper: the outer gradient at ``theta'`` is applied as is) or ``second`` (also
-            differentiate through the meta step; needs double backward: small models, LoRA).
+            differentiate through the meta step; needs double backward: small models).
         meta_lr: The meta step size ``eta``; ``null`` = ``model.lr`` (the paper: ``eta = alpha``). Constant (the
             learning-rate schedule applies to the outer step only).
         difference_norm: Normalisation of the difference loss per prompt: ``paper`` (``2/k^2``) or ``pairs``
