@@ -1,0 +1,200 @@
+"""AIHF-DPO / Self-Play AIHF (lightning_rlhf/methods/aihf_dpo.py, losses/aihf.py).
+
+Checked against independent computations: ``w_D = 0`` gives DPOModule's loss and gradients on the same batch;
+``w_P = 0`` with ``spin`` equals a SPIN loss computed by hand (one unpadded forward per sequence, log-softmax, sum over
+the response); ``nll`` equals ``-mean log pi(y_E)`` by hand; mixed weights combine the two hand-computed means; the
+opponent is refreshed exactly at the round starts; misconfiguration fails naming the flag.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule
+from lightning_rlhf.losses.aihf import aihf_dpo_objective, nll_demo_loss, spin_loss
+from lightning_rlhf.methods import DPOModule
+from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---------------------------------------------------------------------------------------------- pure losses
+def test_spin_and_objective_by_hand():
+    lp_e, lp_s = torch.tensor([-3.0, -5.0], dtype=torch.float64), torch.tensor([-4.0, -2.0], dtype=torch.float64)
+    op_e, op_s = torch.tensor([-3.5, -4.0], dtype=torch.float64), torch.tensor([-3.0, -2.5], dtype=torch.float64)
+    out = spin_loss(lp_e, lp_s, op_e, op_s, beta=0.5)
+    # row 0: 0.5 * ((-3 + 3.5) - (-4 + 3)) = 0.75; row 1: 0.5 * ((-5 + 4) - (-2 + 2.5)) = -0.75
+    expected = torch.tensor([math.log1p(math.exp(-0.75)), math.log1p(math.exp(0.75))], dtype=torch.float64)
+    torch.testing.assert_close(out.losses, expected)
+    torch.testing.assert_close(nll_demo_loss(lp_e), torch.tensor([3.0, 5.0], dtype=torch.float64))
+    pref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)  # B = 3 pairs, N = 2 demonstrations
+    obj = aihf_dpo_objective(pref, expected, w_P=0.5, w_D=2.0)
+    torch.testing.assert_close(obj.total, 0.5 * 2.0 + 2.0 * expected.mean())  # each term over its own pairs
+    assert aihf_dpo_objective(pref, expected, w_P=1.0, w_D=0.0).total.item() == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- module steps
+_BATCHES: dict = {}
+
+
+def _data(module, n=4):
+    """4 preference pairs and 4 demonstrations of the embedded HH data (tokenised once per test session)."""
+    if not _BATCHES:
+        kw = dict(max_train_rows=4, batch_size=4, max_length=96, max_prompt_length=64, skip_invalid_rows=True, seed=3)
+        for name, cls in (("preferences", PreferenceDataModule), ("demonstrations", DemonstrationDataModule)):
+            dm = cls(**kw)
+            dm.set_tokenizer(module.tokenizer)
+            dm.setup("fit")
+            _BATCHES[name] = dm.collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
+    return {name: b.slice(0, n) for name, b in _BATCHES.items()}
+
+
+def _step(module, batch):
+    """One training step with the trainer-facing parts replaced: backward is plain autograd, the optimizer update
+    records the loss and the gradients instead of stepping. Returns (loss, {name: grad})."""
+    seen = {}
+
+    def update(loss=None, watch=None, role=None):
+        seen["loss"] = loss.detach().clone()
+        seen["grads"] = {n: p.grad.detach().clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+        return torch.zeros(())
+
+    module.manual_backward = lambda loss: loss.backward()
+    module.optimizer_update = update
+    module.is_logging_step = lambda: False
+    module.training_step(batch, 0)
+    return seen["loss"], seen["grads"]
+
+
+def _module(cls=AIHFDPOModule, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("max_new_tokens", 8) if cls is AIHFDPOModule else None
+    module = cls(export_dir=None, micro_batch_size=2, **kw)
+    module.configure_model()
+    return module
+
+
+def test_w_D_zero_is_dpo_loss_and_gradients_exactly():
+    dpo = _module(DPOModule, beta=0.2)
+    aihf = _module(w_D=0.0, beta=0.2)
+    batch = _data(dpo)
+    loss_dpo, g_dpo = _step(dpo, batch["preferences"])
+    for b in (batch, batch["preferences"]):  # the dict of streams or a plain preference batch
+        aihf.policy.zero_grad(set_to_none=True)
+        loss, grads = _step(aihf, b)
+        assert torch.equal(loss, loss_dpo)
+        assert grads.keys() == g_dpo.keys() and all(torch.equal(grads[n], g_dpo[n]) for n in g_dpo)
+    assert not hasattr(aihf, "opponent")  # no demonstration term: no snapshot
+
+
+def _hand_logp(model, ids, attn, loss_mask):
+    """Summed response log-prob of one row: its real tokens only (no padding), one forward pass."""
+    keep = attn.bool()
+    ids, loss_mask = ids[keep][None], loss_mask[keep]
+    logits = model(input_ids=ids).logits[0, :-1].double()
+    logp = F.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return (logp * loss_mask[1:].double()).sum()
+
+
+def _perturbed_opponent(module):
+    """Make the opponent differ from the policy (as it does mid-round) and skip the refresh of step 0."""
+    module.iteration = 1
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in module.opponent.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_w_P_zero_spin_is_a_hand_computed_spin_loss_with_its_gradients():
+    module = _module(w_P=0.0, w_D=1.0, demo_term="spin", beta=0.3, round_steps=4)
+    batch = _data(module)
+    _perturbed_opponent(module)
+    loss, grads = _step(module, batch)
+    pairs = module.last_demo_pairs  # the y_E rows, then the opponent's samples y~ on the same prompts
+    N = len(batch["demonstrations"])
+    assert pairs.num_pairs == N
+    # the samples were drawn from the opponent on the demonstrations' prompts
+    demos = batch["demonstrations"]
+    for i in range(N):
+        prompt = demos.prompt_input_ids[i][demos.prompt_attention_mask[i].bool()]
+        row = pairs.input_ids[N + i][pairs.attention_mask[N + i].bool()]
+        assert torch.equal(row[: len(prompt)], prompt) and pairs.loss_mask[N + i].sum() > 0
+    module.policy.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(N):
+        args = lambda r: (pairs.input_ids[r], pairs.attention_mask[r], pairs.loss_mask[r])  # noqa: E731
+        with torch.no_grad():
+            o_e, o_s = _hand_logp(module.opponent.model, *args(i)), _hand_logp(module.opponent.model, *args(N + i))
+        p_e, p_s = _hand_logp(module.policy, *args(i)), _hand_logp(module.policy, *args(N + i))
+        total = total - F.logsigmoid(0.3 * ((p_e - o_e) - (p_s - o_s))) / N
+    total.backward()
+    torch.testing.assert_close(loss.double(), total.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in module.policy.named_parameters():
+        torch.testing.assert_close(grads[n].double(), p.grad.double(), rtol=1e-3, atol=1e-6)
+
+
+def test_nll_term_and_mixed_weights_by_hand():
+    module = _module(w_P=0.5, w_D=2.0, demo_term="nll", beta=0.2)
+    batch = _data(module)
+    loss, _ = _step(module, batch)
+    demos, prefs = batch["demonstrations"], batch["preferences"]
+    with torch.no_grad():
+        nll = -sum(_hand_logp(module.policy, demos.input_ids[i], demos.attention_mask[i], demos.loss_mask[i])
+                   for i in range(len(demos))) / len(demos)
+        B = prefs.num_pairs
+        h = []
+        for i in range(B):
+            rows = [(prefs.input_ids[r], prefs.attention_mask[r], prefs.loss_mask[r]) for r in (i, B + i)]
+            pw, pl = (_hand_logp(module.policy, *r) for r in rows)
+            rw, rl = (_hand_logp(module.reference, *r) for r in rows)
+            h.append(0.2 * ((pw - rw) - (pl - rl)))
+        dpo = -F.logsigmoid(torch.stack(h)).mean()
+    torch.testing.assert_close(loss.double(), 0.5 * dpo + 2.0 * nll, rtol=1e-5, atol=1e-5)
+    assert not hasattr(module, "opponent")  # nll needs no opponent
+
+
+def test_opponent_is_refreshed_exactly_at_round_starts():
+    module = _module(w_P=1.0, w_D=1.0, demo_term="spin", round_steps=2, lr=1e-2)
+    batch = _data(module, n=2)
+    opt = torch.optim.SGD(module.policy.parameters(), lr=0.5)
+    taken, same_as_policy = [], []
+
+    def update(loss=None, watch=None, role=None):
+        opt.step()
+        opt.zero_grad()
+        return torch.zeros(())
+
+    module.manual_backward = lambda loss: loss.backward()
+    module.optimizer_update = update
+    module.is_logging_step = lambda: False
+    for _ in range(5):
+        before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+        module.training_step(batch, 0)
+        taken.append(int(module.opponent.taken_at))
+        same_as_policy.append(all(torch.equal(module.opponent.model.state_dict()[n], v) for n, v in before.items()))
+    assert taken == [0, 0, 2, 2, 4]
+    assert same_as_policy == [True, False, True, False, True]  # the opponent = the policy at the round's start
+    assert not any(p.requires_grad for p in module.opponent.parameters())
+
+
+def test_misconfiguration_names_the_flag():
+    with pytest.raises(ValueError, match="model.demo_term"):
+        AIHFDPOModule(demo_term="bt")
+    with pytest.raises(ValueError, match="model.w_P and model.w_D"):
+        AIHFDPOModule(w_P=0.0, w_D=0.0)
+    with pytest.raises(ValueError, match="model.round_steps"):
+        AIHFDPOModule(round_steps=0)
+    with pytest.raises(ValueError, match="model.precompute_ref_logprobs"):
+        AIHFDPOModule(precompute_ref_logprobs=True)
+    module = _module(w_D=1.0)
+    with pytest.raises(ValueError, match="model.w_D=1.0 needs a demonstration stream"):
+        module.split_batch(_data(module, n=2)["preferences"])
+    # at start (setup): a preference data module alone has no demonstration stream
+    with pytest.raises(ValueError, match="model.w_D=1.0 needs a demonstration stream named 'demonstrations'.*"
+                                         "PreferenceDataModule"):
+        module.check_streams(PreferenceDataModule())
+    AIHFDPOModule(w_D=0.0).check_streams(PreferenceDataModule())  # plain DPO: fine
