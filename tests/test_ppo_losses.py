@@ -144,3 +144,30 @@ def test_entropy_from_logits_matches_categorical():
     # uniform distribution: log V
     assert entropy_from_logits(torch.zeros(1, 2, 8)).sub(math.log(8)).abs().max() < 1e-6
     assert entropy_from_logits(torch.zeros(1, 2, 8, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_policy_loss_sample_weights_weight_each_rows_tokens():
+    """Per-sample weights w_i: L = -sum_{i,t} w_i * m_it * min(A r, A clip(r)) / sum m, by a plain loop."""
+    torch.manual_seed(0)
+    B, T = 3, 4
+    logp, old = torch.randn(B, T, dtype=torch.float64), torch.randn(B, T, dtype=torch.float64)
+    adv = torch.randn(B, T, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    w = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)
+    total, count = 0.0, 0.0
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t]:
+                r = math.exp(float(logp[i, t] - old[i, t]))
+                a = float(adv[i, t])
+                total += float(w[i]) * min(a * r, a * min(max(r, 0.8), 1.2))
+                count += 1
+    out = policy_loss(logp, old, adv, mask, 0.2, sample_weights=w)
+    assert abs(float(out.loss) - (-total / count)) < 1e-12
+    out_n = policy_loss(logp, old, adv, mask, 0.2, normalizer=10.0, sample_weights=w)
+    assert abs(float(out_n.loss) - (-total / 10.0)) < 1e-12
+    # weights of one change nothing, and the per-sample surrogate stays unweighted
+    plain = policy_loss(logp, old, adv, mask, 0.2)
+    ones = policy_loss(logp, old, adv, mask, 0.2, sample_weights=torch.ones(B, dtype=torch.float64))
+    assert torch.equal(plain.loss, ones.loss)
+    torch.testing.assert_close(out.per_sample_surrogate, plain.per_sample_surrogate)

@@ -119,8 +119,9 @@ class HookedPPO(PPOModule):
 def test_hooks_transform_kl_coef_extra_loss_and_extras(tmp_path):
     module = _module(HookedPPO, reward_norm="none", ppo_epochs=2, mini_batch_size=4, micro_batch_size=2,
                      max_iterations=1)
-    coefs = torch.tensor([0.5, 1.0, 2.0, 4.0])
-    module.kl_coef_fn = lambda exp: coefs.to(exp.device)
+    scales = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    module.register_experience_hook("scale", lambda view: {"kl_scale": scales})
+    coefs = 0.01 * scales  # the module's kl_coef times the hook's per-sample scale
     captured: list[Experience] = []
     original = module.compute_advantages
 
@@ -230,9 +231,16 @@ def test_ppo_with_reward_model_from_rm_tiny_via_cli(in_tmp):
                 "--data.batch_size", "8", "--data.max_train_rows", "32", "--trainer.enable_progress_bar", "false",
                 "--model.export_dir", str(in_tmp / "ppo_export")])
     assert ppo.model.iteration == 2 and ppo.model.reward_model is not None
-    # the critic was initialised from the reward model's trunk
-    rm_trunk = ppo.model.reward_model.hf_model.model.embed_tokens.weight
-    assert ppo.model.critic.hf_model.model.embed_tokens.weight.shape == rm_trunk.shape
+    # the critic starts as the reward model: every tensor (trunk and score head) equals the exported reward model's,
+    # which differ from the policy's (the reward model trained for 3 steps)
+    fresh = PPOModule(reward_model_name_or_path=str(in_tmp / "rm_export"), export_dir=None)
+    fresh.configure_model()
+    rm_state = fresh.reward_model.hf_model.state_dict()
+    critic_state = fresh.critic.hf_model.state_dict()
+    assert critic_state.keys() == rm_state.keys()
+    assert all(torch.equal(critic_state[k], rm_state[k]) for k in rm_state)
+    policy_embed = fresh.policy.get_input_embeddings().weight
+    assert not torch.equal(critic_state["model.embed_tokens.weight"], policy_embed)
     assert torch.isfinite(torch.tensor(float(ppo.trainer.callback_metrics["score/mean"])))
     assert (in_tmp / "ppo_export" / "config.json").exists()
 

@@ -17,11 +17,11 @@ iteration); use ``model.max_iterations`` to stop after a number of PPO iteration
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
+from types import MappingProxyType
+from typing import Any, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -34,15 +34,18 @@ from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
-from lightning_rlhf.rewards import RewardInput, RewardSource, build_reward_source
+from lightning_rlhf.rewards import RewardSource, build_reward_source
+from callbacks.protocols import KL_SCALE
+from lightning_rlhf.rollout.annotations import ExperienceHooks
 from lightning_rlhf.rollout.experience import Experience
 from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
-from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
-from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, token_logprobs
+from lightning_rlhf.rollout.generation import HFGenerator
+from lightning_rlhf.rollout.maker import ExperienceMaker, FeatureSource, response_logits
+from lightning_rlhf.rollout.reward_norm import REWARD_NORMS, RewardNorm, normalize_scores, update_moments
+from lightning_rlhf.rollout.sample_log import log_sample_table, sample_table
+from lightning_rlhf.rollout.scoring import token_logprobs
 
-log = logging.getLogger(__name__)
 
-RewardNorm = Literal["none", "scale", "norm", "norm_clip"]
 CriticKind = Literal["separate", "shared"]
 RolloutEngine = Literal["hf", "static"]
 
@@ -69,10 +72,13 @@ class PPOModule(RLHFModule):
     """PPO (PPO-max defaults) with a frozen reference, a reward model or rule-based reward, and a critic.
 
     Implements ``callbacks.protocols.KLControlled`` (``kl_coef``, ``last_rollout_stats``) so
-    ``callbacks.adaptive_kl.AdaptiveKLController`` can adapt the KL coefficient.
+    ``callbacks.adaptive_kl.AdaptiveKLController`` can adapt the KL coefficient, and
+    ``callbacks.protocols.ExperienceAnnotatable`` (``rollout_view``, ``register_experience_hook``) so callbacks can read
+    every iteration's per-sample tensors and annotate the experience between the rollout and the advantages
+    (a per-sample KL scale, per-sample loss weights; e.g. GIL's group inference and adaptive exploration).
 
     Hooks for methods built on PPO: :meth:`transform_scores` (score shaping before normalisation),
-    :meth:`per_sample_kl_coef` (or set ``kl_coef_fn``), :meth:`extra_loss`.
+    :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`extra_loss`.
 
     Logged every iteration (rank-reduced): ``iteration``, ``score/mean``, ``score/std``, ``score/shaped_mean``,
     ``kl`` (per-sequence sum), ``kl/token_mean``, ``kl_coef``, ``policy/loss``, ``policy/entropy``,
@@ -113,6 +119,11 @@ class PPOModule(RLHFModule):
         top_p: Nucleus sampling (1.0 = full distribution).
         top_k: Top-k sampling (0 = off).
         rollout_micro_batch_size: Rows per scoring forward pass during the rollout; default ``micro_batch_size``.
+        n_samples_per_prompt: Responses sampled per prompt of a batch (rows of one prompt adjacent): a batch of
+            ``B`` prompts gives ``B * n_samples_per_prompt`` rollouts.
+        feature_source: Per-rollout features shown to callbacks that ask for them (``rollout_view()["features"]``):
+            ``critic`` (the critic's last hidden state at the last response token; the policy's with a shared critic)
+            or ``policy``. Computed only when a registered hook needs them.
         rollout_engine: ``hf`` (``model.generate``) or ``static`` (``lightning_rlhf.rollout.engine``: own decode
             loop without per-token host syncs, preallocated buffers, a static KV cache when compiled, rollout log-probs
             recorded; on the CPU 1.2x (batch 1) to 1.9x (batch 64) the tokens/s of ``hf`` with the tiny model, 1.0x
@@ -165,6 +176,8 @@ class PPOModule(RLHFModule):
         top_p: float = 1.0,
         top_k: int = 0,
         rollout_micro_batch_size: Optional[int] = None,
+        n_samples_per_prompt: int = 1,
+        feature_source: FeatureSource = "critic",
         rollout_engine: RolloutEngine = "hf",
         rollout_compile: bool = False,
         reuse_rollout_logprobs: bool = False,
@@ -182,7 +195,7 @@ class PPOModule(RLHFModule):
             raise ValueError("PPO needs exactly one reward source: set model.reward_model_name_or_path OR model.reward_fn")
         if critic not in ("separate", "shared"):
             raise ValueError(f"model.critic must be 'separate' or 'shared', got {critic!r}")
-        if reward_norm not in ("none", "scale", "norm", "norm_clip"):
+        if reward_norm not in REWARD_NORMS:
             raise ValueError(f"model.reward_norm must be none|scale|norm|norm_clip, got {reward_norm!r}")
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"model.kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
@@ -198,6 +211,10 @@ class PPOModule(RLHFModule):
             raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
         if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
             raise ValueError("model.rollout_compile and model.reuse_rollout_logprobs need model.rollout_engine: static")
+        if n_samples_per_prompt < 1:
+            raise ValueError(f"model.n_samples_per_prompt must be >= 1, got {n_samples_per_prompt}")
+        if feature_source not in ("critic", "policy"):
+            raise ValueError(f"model.feature_source must be 'critic' or 'policy', got {feature_source!r}")
         self.ref_model_name_or_path = ref_model_name_or_path or self.model_name_or_path
         self.reward_model_name_or_path = reward_model_name_or_path
         self.reward_fn_spec = reward_fn
@@ -221,6 +238,8 @@ class PPOModule(RLHFModule):
         self.critic_warmup_iters = critic_warmup_iters
         self.temperature = temperature
         self.rollout_micro_batch_size = rollout_micro_batch_size
+        self.n_samples_per_prompt = n_samples_per_prompt
+        self.feature_source: FeatureSource = feature_source
         self.ptx_coef = ptx_coef
         self.ptx_data = ptx_data
         self.max_iterations = max_iterations
@@ -235,8 +254,9 @@ class PPOModule(RLHFModule):
             do_sample=True, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             compile=rollout_compile,
         )
-        #: optional override of the per-sample KL coefficients (set by callbacks, e.g. GIL's adaptive exploration)
-        self.kl_coef_fn: Optional[Callable[[Experience], torch.Tensor]] = None
+        #: hooks that callbacks register to annotate the experience (callbacks/protocols.py ExperienceAnnotatable)
+        self.experience_hooks = ExperienceHooks()
+        self._view: dict[str, torch.Tensor] = {}
         # running moments of the (transformed) scores, global over ranks, checkpointed as buffers
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
@@ -244,6 +264,7 @@ class PPOModule(RLHFModule):
         self._last_stats: dict[str, float] = {}
         self._ptx_iter: Optional[Iterator[TokenBatch]] = None
         self.reward_source: Optional[RewardSource] = None
+        self.experience_maker: Optional[ExperienceMaker] = None
 
     def is_logging_step(self) -> bool:
         """Always: a PPO training step is a whole iteration (its optimizer steps would not line up with Lightning's
@@ -274,6 +295,11 @@ class PPOModule(RLHFModule):
         self.reward_source, self.reward_model = build_reward_source(
             self.tokenizer, self.reward_model_name_or_path, self.reward_fn_spec, dtype=self.dtype_name,
             trust_remote_code=self.trust_remote_code, micro_batch_size=self._rollout_micro(),
+        )
+        self.experience_maker = ExperienceMaker(
+            self.generator, self.tokenizer, self.reward_source, n_samples_per_prompt=self.n_samples_per_prompt,
+            micro_batch_size=self._rollout_micro(), temperature=self.temperature,
+            reuse_rollout_logprobs=self.reuse_rollout_logprobs,
         )
 
     def export_model(self) -> nn.Module:
@@ -315,9 +341,17 @@ class PPOModule(RLHFModule):
     # ------------------------------------------------------------------ KLControlled protocol
     def last_rollout_stats(self) -> Mapping[str, float]:
         """Rank-reduced rollout statistics of the last iteration (``kl_seq_sum``, ``kl_token_mean``,
-        ``num_sequences``...); consumed by the call (a second call returns ``{}``)."""
-        stats, self._last_stats = self._last_stats, {}
-        return stats
+        ``num_sequences``, ``score_mean``, ``iteration``); not consumed by reading (every callback sees them)."""
+        return MappingProxyType(self._last_stats)
+
+    # ------------------------------------------------------------------ ExperienceAnnotatable protocol
+    def rollout_view(self) -> Mapping[str, torch.Tensor]:
+        """This iteration's per-sample tensors of all ranks (``callbacks.protocols.ExperienceAnnotatable``)."""
+        return MappingProxyType(self._view)
+
+    def register_experience_hook(self, name: str, hook: Any, needs_features: bool = False) -> None:
+        """Register a hook that annotates every iteration's experience (see ``callbacks/protocols.py``)."""
+        self.experience_hooks.register(name, hook, needs_features)
 
     # ------------------------------------------------------------------ hooks for derived methods
     def transform_scores(self, scores: torch.Tensor, experience: Experience) -> torch.Tensor:
@@ -328,12 +362,7 @@ class PPOModule(RLHFModule):
         return scores
 
     def per_sample_kl_coef(self, experience: Experience) -> torch.Tensor:
-        """``(B,)`` KL coefficients ``eta_i``: ``kl_coef_fn(experience)`` if set, else ``kl_coef`` everywhere."""
-        if self.kl_coef_fn is not None:
-            coef = torch.as_tensor(self.kl_coef_fn(experience), dtype=torch.float32, device=experience.device)
-            if coef.shape != (len(experience),):
-                raise ValueError(f"kl_coef_fn must return shape ({len(experience)},), got {tuple(coef.shape)}")
-            return coef
+        """``(B,)`` base KL coefficients before the experience hooks' ``kl_scale``: ``kl_coef`` everywhere here."""
         return torch.full((len(experience),), self.kl_coef, dtype=torch.float32, device=experience.device)
 
     def extra_loss(self, minibatch: Experience, outputs: PPOForwardOutput) -> Optional[torch.Tensor]:
@@ -363,30 +392,15 @@ class PPOModule(RLHFModule):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    # ------------------------------------------------------------------ forward passes
-    def _logits(self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Response-aligned logits ``(B, R, V)`` (position ``P + t - 1`` scores token ``t``) divided by the
-        temperature, and the last hidden states ``(B, R, H)`` at the same positions when asked."""
-        R = sequences.shape[1] - prompt_length
-        out = model(
-            input_ids=sequences, attention_mask=attention_mask,
-            position_ids=position_ids_from_attention_mask(attention_mask),
-            use_cache=False, logits_to_keep=R + 1, output_hidden_states=output_hidden_states,
-        )
-        logits = out.logits[:, -(R + 1) : -1]  # (B, R, V)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        hidden = out.hidden_states[-1][:, prompt_length - 1 : -1] if output_hidden_states else None  # (B, R, H)
-        return logits, hidden
-
+    # ------------------------------------------------------------------ forward passes (update phase)
     def _critic_values(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                        hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(B, R)`` values ``V_t`` of the state before response token ``t``."""
+        """``(B, R)`` values ``V_t`` of the state before response token ``t`` (``hidden``: the policy's last hidden
+        states ``(B, P+R, H)`` for a shared critic)."""
         if self.critic is not None:
             return self.critic.token_values(sequences, attention_mask)[:, prompt_length - 1 : -1]
         assert hidden is not None and self.value_head is not None
-        return self.value_head(hidden).squeeze(-1).float()
+        return self.value_head(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
 
     # ------------------------------------------------------------------ 1. rollout
     def rollout_seed(self) -> int:
@@ -396,99 +410,43 @@ class PPOModule(RLHFModule):
 
     @torch.no_grad()
     def make_experience(self, batch: PromptBatch) -> Experience:
-        """Sample responses and score them: old/ref log-probs, values and raw scores (spec 1.4 step 1)."""
+        """Sample ``n_samples_per_prompt`` responses per prompt and score them: old/ref log-probs, values, raw scores
+        and, when a hook needs them, per-rollout features (spec 1.4 step 1; ``lightning_rlhf/rollout/maker.py``)."""
+        assert self.experience_maker is not None, "build_models() was not called"
+        maker = self.experience_maker
         t0 = self._sync_time()
-        gen = self.generator.generate(self.policy, batch.input_ids, batch.attention_mask, seed=self.rollout_seed())
+        exp = maker.sample(self.policy, batch, seed=self.rollout_seed())
         t1 = self._sync_time()
-        P = gen.prompt_length
-        extras: dict[str, Any] = {
-            "prompt_ids": list(batch.prompt_ids), "prompts": list(batch.prompts), "domains": list(batch.domains),
-            "domain_ids": batch.domain_ids, "stopped_by_eos": gen.stopped_by_eos,
-        }
-        exp = Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=gen.action_mask,
-                         prompt_length=P, extras=extras)
-        was_training = self.policy.training
-        self.policy.eval()
-        if self.critic is not None:
-            self.critic.eval()
-        logprobs, ref_logprobs, values = [], [], []
-        shared = self.critic is None
-        # the sampler's log-probs replace a policy forward when asked for (a shared critic needs that pass anyway)
-        reuse = self.reuse_rollout_logprobs and gen.logprobs is not None and not shared
-        try:
-            for mb in exp.minibatches(self._rollout_micro() or len(exp), shuffle=False):
-                hidden = None
-                if not reuse:
-                    logits, hidden = self._logits(self.policy, mb.sequences, mb.attention_mask, P,
-                                                  output_hidden_states=shared)
-                    logprobs.append(token_logprobs(logits, mb.responses))
-                    del logits
-                ref_logits, _ = self._logits(self.reference, mb.sequences, mb.attention_mask, P)
-                ref_logprobs.append(token_logprobs(ref_logits, mb.responses))
-                del ref_logits
-                values.append(self._critic_values(mb.sequences, mb.attention_mask, P, hidden))
-        finally:
-            self.policy.train(was_training)
-            if self.critic is not None:
-                self.critic.train(was_training)
-        mask = exp.action_mask.float()
-        exp.logprobs = (gen.logprobs.float() if reuse else torch.cat(logprobs)) * mask  # (B, R)
-        exp.ref_logprobs = torch.cat(ref_logprobs) * mask  # (B, R)
-        exp.values = torch.cat(values) * mask  # (B, R)
-        exp.scores = self.score(exp)  # (B,)
+        features = self.feature_source if self.experience_hooks.needs_features else None
+        maker.forward_passes(exp, self.policy, self.reference, self.critic, self.value_head, features)
+        exp.scores = maker.score(exp)  # (B,)
         t2 = self._sync_time()
         exp.extras["_timing"] = {"generate": t1 - t0, "score": t2 - t1}
         return exp
 
     def decode_responses(self, exp: Experience) -> list[str]:
         """Response texts up to and including EOS (special tokens skipped)."""
-        lengths = response_lengths(exp.action_mask).tolist()
-        rows = [r[:n] for r, n in zip(exp.responses.tolist(), lengths)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-    def score(self, exp: Experience) -> torch.Tensor:
-        """``(B,)`` raw scores from the reward source."""
-        assert self.reward_source is not None, "build_models() was not called"
-        texts = self.decode_responses(exp) if self.reward_source.needs_text else []
-        if texts:
-            exp.extras["responses"] = texts
-        inp = RewardInput(
-            sequences=exp.sequences, attention_mask=exp.attention_mask, prompt_length=exp.prompt_length,
-            action_mask=exp.action_mask, prompts=list(exp.extras.get("prompts", [])), responses=texts,
-            extras={k: v for k, v in exp.extras.items() if not k.startswith("_")},
-        )
-        return self.reward_source(inp).to(exp.device).float()
+        assert self.experience_maker is not None, "build_models() was not called"
+        return self.experience_maker.decode_responses(exp)
 
     # ------------------------------------------------------------------ 2. score shaping
     def update_reward_moments(self, scores: torch.Tensor) -> None:
         """Fold this batch's scores (all ranks) into the running mean/variance (Chan's parallel update)."""
         scores = scores[torch.isfinite(scores)]  # a NaN/inf score must not poison the moments (its step is skipped)
         n, s, ss = self._global_sums([torch.tensor(float(scores.numel())), scores.sum(), (scores.double() ** 2).sum()])
-        if n <= 0:
-            return
-        batch_mean = s / n
-        batch_var = max(ss / n - batch_mean**2, 0.0)
-        count, mean, var = float(self.reward_count), float(self.reward_mean), float(self.reward_var)
-        total = count + n
-        delta = batch_mean - mean
-        new_mean = mean + delta * n / total
-        m2 = var * count + batch_var * n + delta**2 * count * n / total
-        self.reward_mean.fill_(new_mean)
-        self.reward_var.fill_(m2 / total)
-        self.reward_count.fill_(total)
+        count, mean, var = update_moments(float(self.reward_count), float(self.reward_mean), float(self.reward_var),
+                                          n, s, ss)
+        self.reward_count.fill_(count)
+        self.reward_mean.fill_(mean)
+        self.reward_var.fill_(var)
 
     def normalize_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Running normalisation ``reward_norm`` (moments updated with this batch first)."""
         if self.reward_norm == "none":
             return scores
         self.update_reward_moments(scores)
-        std = math.sqrt(float(self.reward_var) + 1e-8)
-        if self.reward_norm == "scale":
-            return scores / std
-        normed = (scores - float(self.reward_mean)) / std
-        if self.reward_norm == "norm_clip":
-            normed = normed.clamp(-self.reward_clip, self.reward_clip)
-        return normed
+        return normalize_scores(scores, float(self.reward_mean), float(self.reward_var), self.reward_norm,
+                                self.reward_clip)
 
     def shape_scores(self, exp: Experience) -> torch.Tensor:
         """Spec 1.4 step 2: ``transform_scores`` -> running normalisation -> no-EOS penalty. Returns ``(B,)``."""
@@ -502,17 +460,57 @@ class PPOModule(RLHFModule):
     # ------------------------------------------------------------------ 3. rewards and advantages
     @torch.no_grad()
     def compute_advantages(self, exp: Experience) -> Experience:
-        """Fill ``shaped_scores``, ``kl``, ``kl_coef``, ``rewards``, ``advantages``, ``returns`` (steps 2-4)."""
+        """Fill ``shaped_scores``, ``kl``, ``kl_coef`` (after the experience hooks), ``rewards``, ``advantages``,
+        ``returns`` (steps 2-4)."""
         exp.shaped_scores = self.shape_scores(exp)
         mask = exp.action_mask
         exp.kl = kl_penalty(exp.logprobs, exp.ref_logprobs, self.kl_estimator) * mask  # (B, R)
         exp.kl_coef = self.per_sample_kl_coef(exp)  # (B,)
+        self.annotate_experience(exp)  # the view; callbacks' kl_scale / sample_weight / other annotations
         exp.rewards = token_rewards(exp.shaped_scores, exp.kl, exp.kl_coef, mask)  # (B, R)
         advantages, exp.returns = gae(exp.rewards, exp.values, mask, gamma=self.gamma, lam=self.lam)
         if self.whiten_advantages:
             advantages = masked_whiten(advantages, mask, reduce_fn=self.reduce_fn())
         exp.advantages = advantages
         return exp
+
+    def _gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of every rank in rank order (``(N, ...)`` from this rank's ``(B, ...)``); collective under DDP."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return t
+        return self.trainer.strategy.all_gather(t.contiguous()).flatten(0, 1)
+
+    @torch.no_grad()
+    def annotate_experience(self, exp: Experience) -> None:
+        """Build the iteration's per-sample view over all ranks, run the experience hooks on it, and apply their
+        annotations to this rank's rows: ``kl_coef *= kl_scale``, ``extras["sample_weight"]``, other keys into
+        ``extras`` (``callbacks/protocols.py``, ``ExperienceAnnotatable``)."""
+        B = len(exp)
+        kl_seq = exp.kl.sum(-1)  # (B,)
+        per_row = torch.stack([
+            exp.scores.double(), exp.shaped_scores.double(), kl_seq.double(),
+            exp.action_mask.sum(-1).double(), exp.extras["domain_ids"].to(exp.device).double(),
+        ], dim=-1)  # (B, 5)
+        rows = self._gather_rows(per_row)  # (N, 5)
+        view: dict[str, torch.Tensor] = {
+            "iteration": torch.tensor(self.iteration, dtype=torch.long),
+            "scores": rows[:, 0].float(), "shaped_scores": rows[:, 1].float(), "kl": rows[:, 2].float(),
+            "returns": (rows[:, 1] - self.kl_coef * rows[:, 2]).float(), "lengths": rows[:, 3].float(),
+            "domain_ids": rows[:, 4].long(),
+        }
+        if "features" in exp.extras:
+            view["features"] = self._gather_rows(exp.extras.pop("features"))
+        rank = self.global_rank if self._trainer is not None else 0
+        local = slice(rank * B, (rank + 1) * B)
+        if len(self.experience_hooks):
+            annotations = self.experience_hooks.run(view)
+            for key, value in annotations.items():
+                if key == KL_SCALE:
+                    exp.kl_coef = exp.kl_coef * value[local].to(exp.kl_coef)
+                else:
+                    exp.extras[key] = value[local].to(exp.device)
+        view["kl_coef"] = self._gather_rows(exp.kl_coef)
+        self._view = view
 
     # ------------------------------------------------------------------ 4. update
     def forward_micro(self, micro: Experience, train_policy: bool, keep_policy_graph: bool = False) -> PPOForwardOutput:
@@ -526,7 +524,8 @@ class PPOModule(RLHFModule):
         shared = self.critic is None
         logprobs = entropy = hidden = None
         if train_policy or shared or keep_policy_graph:
-            logits, hidden = self._logits(self.policy, micro.sequences, micro.attention_mask, P, output_hidden_states=shared)
+            logits, hidden = response_logits(self.policy, micro.sequences, micro.attention_mask, P, self.temperature,
+                                             output_hidden_states=shared)
             logprobs = token_logprobs(logits, micro.responses)  # (b, R)
             if self.ent_coef > 0 and train_policy:
                 entropy = entropy_from_logits(logits)
@@ -585,7 +584,8 @@ class PPOModule(RLHFModule):
                     if anchor_policy and out.logprobs is not None:
                         loss = loss + 0.0 * masked_sum(out.logprobs, mask)
                     if train_policy:
-                        out.policy = policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, self.clip_eps, n_tokens)
+                        out.policy = policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, self.clip_eps,
+                                                 n_tokens, sample_weights=micro.extras.get("sample_weight"))
                         loss = loss + out.policy.loss
                         if self.ent_coef > 0:
                             loss = loss - self.ent_coef * masked_sum(out.entropy, mask) / n_tokens
@@ -641,6 +641,7 @@ class PPOModule(RLHFModule):
         self._last_stats = {
             "kl_seq_sum": stats["kl"], "kl_token_mean": stats["kl/token_mean"],
             "num_sequences": stats["_num_sequences"], "score_mean": stats["score/mean"],
+            "iteration": float(self.iteration),
         }
         self.iteration += 1
         logged = {k: v for k, v in stats.items() if not k.startswith("_")}
@@ -701,28 +702,14 @@ class PPOModule(RLHFModule):
         return stats
 
     def log_samples(self, exp: Experience) -> None:
-        """A markdown table of a few prompts / responses / scores (TensorBoard ``add_text`` when available)."""
+        """A markdown table of a few prompts / responses / scores (TensorBoard ``add_text`` and the console log)."""
         if self._trainer is None or not self.trainer.is_global_zero:
             return
         k = min(self.num_logged_samples, len(exp))
         responses = exp.extras.get("responses") or self.decode_responses(exp.select(slice(0, k)))
         prompts = exp.extras.get("prompts") or [""] * k
-
-        def cell(text: str, limit: int = 300) -> str:
-            text = text[-limit:] if len(text) > limit else text
-            return text.replace("|", "\\|").replace("\n", "<br>")
-
-        rows = ["| prompt | response | score | shaped |", "|---|---|---|---|"]
-        for i in range(k):
-            rows.append(f"| {cell(prompts[i])} | {cell(responses[i])} | {float(exp.scores[i]):.3f} | "
-                        f"{float(exp.shaped_scores[i]):.3f} |")
-        table = "\n".join(rows)
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("rollout/samples", table, global_step=self.iteration)
-        log.info("iteration %d samples:\n%s", self.iteration, table)
+        table = sample_table(prompts[:k], responses[:k], exp.scores[:k].tolist(), exp.shaped_scores[:k].tolist())
+        log_sample_table(self.loggers, table, step=self.iteration)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
