@@ -158,8 +158,9 @@ class AIHFDPOModule(DPOModule):
             self.check_streams(self.trainer.datamodule)
 
     def check_streams(self, dm: Any) -> None:
-        """Fail, naming the flag, when a term with a positive weight has no stream in the data module."""
-        if self.w_D == 0:
+        """Fail, naming the flag, when a term with a positive weight has no stream in the data module (without a data
+        module, e.g. loaders passed to ``fit``, the first train batch is checked instead)."""
+        if self.w_D == 0 or dm is None:
             return
         names = _stream_names(dm)
         if self.demonstration_stream not in names:
