@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule
-from lightning_rlhf.losses.aihf import aihf_dpo_objective, nll_demo_loss, spin_loss
+from lightning_rlhf.losses.aihf import aihf_dpo_objective, aihf_reward_loss, nll_demo_loss, spin_loss
 from lightning_rlhf.methods import DPOModule
 from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule
 
@@ -35,6 +35,28 @@ def test_spin_and_objective_by_hand():
     obj = aihf_dpo_objective(pref, expected, w_P=0.5, w_D=2.0)
     torch.testing.assert_close(obj.total, 0.5 * 2.0 + 2.0 * expected.mean())  # each term over its own pairs
     assert aihf_dpo_objective(pref, expected, w_P=1.0, w_D=0.0).total.item() == 2.0
+
+
+def test_reward_step_terms_by_hand():
+    r_e, r_s = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 0.5], dtype=torch.float64)
+    r_w, r_l = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    sp = lambda x: math.log1p(math.exp(-x))  # noqa: E731  -log sigmoid(x)
+    l_d = [sp(1.0), sp(-0.5)]  # N = 2 demonstration pairs
+    l_p = [sp(1.0), sp(-1.0), sp(0.0)]  # B = 3 preference pairs
+    out = aihf_reward_loss(r_e, r_s, r_w, r_l, w_D=0.5, w_P=2.0)  # per_term: each averaged over its own pairs
+    assert out.demonstration.item() == pytest.approx(sum(l_d) / 2) and out.preference.item() == pytest.approx(sum(l_p) / 3)
+    assert out.total.item() == pytest.approx(0.5 * sum(l_d) / 2 + 2.0 * sum(l_p) / 3)
+    pooled = aihf_reward_loss(r_e, r_s, r_w, r_l, w_D=0.5, w_P=2.0, term_norm="pooled")
+    assert pooled.total.item() == pytest.approx((0.5 * sum(l_d) + 2.0 * sum(l_p)) / 5)
+    linear = aihf_reward_loss(r_e, r_s, r_w, r_l, w_D=1.0, w_P=0.0, demo_term="linear", beta=0.25)
+    assert linear.total.item() == pytest.approx(-((1.0 - 0.0) + (0.0 - 0.5)) / 2 / 0.25)
+    # w_D = 0: plain Bradley-Terry reward-model training, with its gradients
+    scores = r_w.clone().requires_grad_(True)
+    bt = aihf_reward_loss(r_e, r_s, scores, r_l, w_D=0.0, w_P=1.0)
+    bt.total.backward()
+    assert bt.total.item() == pytest.approx(sum(l_p) / 3)
+    expected_grad = [-(1 - 1 / (1 + math.exp(-m))) / 3 for m in (1.0, -1.0, 0.0)]  # d/dm -log sigmoid(m) / B
+    torch.testing.assert_close(scores.grad, torch.tensor(expected_grad, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------- module steps

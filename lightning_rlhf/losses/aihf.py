@@ -10,9 +10,11 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from lightning_rlhf.losses.preference import DPOOutput, dpo_loss
+from lightning_rlhf.losses.preference import DPOOutput, bradley_terry_loss, dpo_loss
 
 DemoTerm = Literal["spin", "nll"]
+RewardDemoTerm = Literal["bt", "linear"]
+TermNorm = Literal["per_term", "pooled"]
 
 
 def spin_loss(
@@ -79,4 +81,73 @@ def aihf_dpo_objective(
     return AIHFDPOObjective(total, pref, demo)
 
 
-__all__ = ["AIHFDPOObjective", "DemoTerm", "aihf_dpo_objective", "nll_demo_loss", "spin_loss"]
+class AIHFRewardLoss(NamedTuple):
+    """The explicit-reward step's loss (0-d) and its two terms, each the mean over its own pairs (0-d)."""
+
+    total: torch.Tensor
+    demonstration: torch.Tensor
+    preference: torch.Tensor
+
+
+def aihf_reward_loss(
+    demo_scores: torch.Tensor,
+    sample_scores: torch.Tensor,
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    w_D: float = 1.0,
+    w_P: float = 1.0,
+    demo_term: RewardDemoTerm = "bt",
+    term_norm: TermNorm = "per_term",
+    beta: float = 0.1,
+) -> AIHFRewardLoss:
+    """AIHF's reward step (spec 5, variant A): ``L_R = w_D * BT(y_E > y~) + w_P * BT(y_w > y_l)``.
+
+    * ``demo_term: bt``: ``l_D = -log sigmoid(r(x, y_E) - r(x, y~))``; ``linear``: ``l_D = -(r(x, y_E) - r(x, y~)) / beta``.
+    * ``l_P = -log sigmoid(r(x, y_w) - r(x, y_l))`` (Bradley-Terry).
+    * ``term_norm: per_term`` (default): ``L_R = w_D * mean_D l_D + w_P * mean_P l_P``, each term over its own pairs;
+      ``pooled``: ``L_R = (w_D * sum_D l_D + w_P * sum_P l_P) / (N + B)``, both kinds of pairs in one mean (the
+      authors' code, which mixes them in one dataset).
+
+    ``w_D = 0`` is plain Bradley-Terry reward-model training (``per_term``: ``w_P * mean_P l_P``).
+
+    Args:
+        demo_scores: ``(N,)`` ``r(x, y_E)`` of the demonstrations.
+        sample_scores: ``(N,)`` ``r(x, y~)`` of the policy's samples on the same prompts.
+        chosen_scores: ``(B,)`` ``r(x, y_w)``.
+        rejected_scores: ``(B,)`` ``r(x, y_l)``.
+        w_D: Weight of the demonstration pairs.
+        w_P: Weight of the preference pairs.
+        demo_term: ``bt`` or ``linear``.
+        term_norm: ``per_term`` or ``pooled``.
+        beta: KL strength of the inner problem (scales the ``linear`` term).
+
+    Returns:
+        :class:`AIHFRewardLoss`: the total and each term's mean over its own pairs (unweighted).
+    """
+    if demo_term == "bt":
+        l_d = bradley_terry_loss(demo_scores, sample_scores)
+    elif demo_term == "linear":
+        l_d = -(demo_scores - sample_scores) / beta
+    else:
+        raise ValueError(f"demo_term must be 'bt' or 'linear', got {demo_term!r}")
+    l_p = bradley_terry_loss(chosen_scores, rejected_scores)
+    mean = lambda t: t.mean() if t.numel() else t.new_zeros(())  # noqa: E731
+    if term_norm == "per_term":
+        total = l_p.new_zeros(())
+        if w_D:
+            total = total + w_D * mean(l_d)
+        if w_P:
+            total = total + w_P * mean(l_p)
+    elif term_norm == "pooled":
+        count = (l_d.numel() if w_D else 0) + (l_p.numel() if w_P else 0)
+        total = ((w_D * l_d.sum() if w_D else 0.0) + (w_P * l_p.sum() if w_P else 0.0)) / max(count, 1)
+        total = torch.as_tensor(total, dtype=l_p.dtype, device=l_p.device)
+    else:
+        raise ValueError(f"term_norm must be 'per_term' or 'pooled', got {term_norm!r}")
+    return AIHFRewardLoss(total, mean(l_d).detach(), mean(l_p).detach())
+
+
+__all__ = [
+    "AIHFDPOObjective", "AIHFRewardLoss", "DemoTerm", "RewardDemoTerm", "TermNorm", "aihf_dpo_objective",
+    "aihf_reward_loss", "nll_demo_loss", "spin_loss",
+]
