@@ -1,5 +1,6 @@
 """One LightningModule per method."""
 
+from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.contrastive import BaselineSamplerModule, ContrastivePPOModule
 from lightning_rlhf.methods.dpo import DPOModule
@@ -8,6 +9,6 @@ from lightning_rlhf.methods.reward_model import RewardModelModule
 from lightning_rlhf.methods.sft import SFTModule
 
 __all__ = [
-    "BaselineSamplerModule", "ContrastivePPOModule", "DPOModule", "PPOModule", "RLHFModule", "RewardModelModule",
-    "SFTModule",
+    "AIHFDPOModule", "BaselineSamplerModule", "ContrastivePPOModule", "DPOModule", "PPOModule", "RLHFModule",
+    "RewardModelModule", "SFTModule",
 ]

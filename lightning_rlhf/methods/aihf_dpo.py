@@ -152,6 +152,12 @@ class AIHFDPOModule(DPOModule):
         self.last_demo_pairs: Optional[PreferenceBatch] = None  # the latest step's (y_E, y~) pairs, for inspection
 
     # ------------------------------------------------------------------ start-time checks
+    @property
+    def required_streams(self) -> tuple[str, ...]:
+        """The data streams the weighted terms read (``MultiStreamDataModule`` checks that they are declared)."""
+        return tuple(name for name, w in ((self.preference_stream, self.w_P), (self.demonstration_stream, self.w_D))
+                     if w > 0)
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self._trainer is not None:
