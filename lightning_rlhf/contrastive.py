@@ -2,21 +2,21 @@
 
 * :func:`aggregate_scores`: ``b(x) = agg_j r(x, y_j)`` over the ``k`` baseline scores of one prompt
   (``mean`` | ``median`` | ``max`` | ``quantile``).
-* :func:`prompt_seed`: the sampling seed of one prompt, from the base seed and the stable prompt id, so the ``k``
-  baseline samples of a prompt do not depend on batch composition, ranks or resumption.
+* :func:`prompt_seed` / :func:`sample_seed` (from :mod:`lightning_rlhf.sample_sets`): the sampling seeds of one
+  prompt, from the base seed and the stable prompt id, so the ``k`` baseline samples of a prompt do not depend on
+  batch composition, ranks or resumption.
 * The baseline file (``.jsonl``, or ``.parquet`` by extension): one record per prompt, sorted by ``prompt_id``::
 
       {"prompt_id": "0a1b...", "baseline": 6.5, "count": 4, "scores": [5.0, 7.0, 6.0, 8.0], "agg": "mean"}
 
   :func:`write_baseline_file` writes it atomically; :func:`read_baselines` validates it (errors name file and line).
-* Part files (the resumable journal of the offline pass): :func:`append_records` appends one JSON line per prompt and
-  fsyncs; :func:`read_part_file` reads them back, ignoring a last line cut short by a kill;
-  :func:`repair_part_file` drops such a tail before appending again.
+* Part files (the resumable journal of the offline pass) are those of the policy-samples pass
+  (:mod:`lightning_rlhf.sample_sets`: :func:`append_records`, :func:`read_part_file`, :func:`repair_part_file`,
+  re-exported here): the baseline pass is a policy-samples pass whose merge aggregates the scores.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,13 +25,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_rlhf.atomic import atomic_write_path
+from lightning_rlhf.sample_sets import SampleSetFileError, append_records, prompt_seed, read_part_file
+from lightning_rlhf.sample_sets import repair_part_file, sample_seed
+from lightning_rlhf.sample_sets import dumps_record as _dumps
+from lightning_rlhf.sample_sets import is_number as _is_number
+from lightning_rlhf.sample_sets import parse_json_line as _parse_json_line
+
+__all__ = [
+    "AGGREGATIONS", "BaselineFileError", "aggregate_scores", "append_records", "baseline_record", "prompt_seed",
+    "quantile", "read_baselines", "read_part_file", "repair_part_file", "sample_seed", "write_baseline_file",
+]
 
 Aggregation = Literal["mean", "median", "max", "quantile"]
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "max", "quantile")
 
 
-class BaselineFileError(ValueError):
-    """A baseline or part file is unusable. The message names the file and the line (or row)."""
+#: A baseline or part file is unusable; the message names the file and the line (or row). The same class as
+#: :class:`~lightning_rlhf.sample_sets.SampleSetFileError` (a ``ValueError``), since both files share the part files.
+BaselineFileError = SampleSetFileError
 
 
 # ---------------------------------------------------------------------------------------------------- aggregation
@@ -81,18 +92,6 @@ def aggregate_scores(scores: Sequence[float], agg: Aggregation = "mean", q: floa
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """Sampling seed of one prompt: 62 bits of ``sha256(f"{seed}:{prompt_id}")``."""
-    digest = hashlib.sha256(f"{int(seed)}:{prompt_id}".encode("utf-8")).hexdigest()
-    return int(digest[:16], 16) % (2**62)
-
-
-def sample_seed(seed: int, prompt_id: str, j: int) -> int:
-    """Counter-RNG seed of sample ``j`` of a prompt (static engine): :func:`prompt_seed` plus ``j`` golden-ratio
-    steps, modulo ``2**62``."""
-    return (prompt_seed(seed, prompt_id) + j * 0x9E3779B97F4A7C15) % (2**62)
-
-
 # ---------------------------------------------------------------------------------------------------- records
 def baseline_record(
     prompt_id: str, scores: Sequence[float], agg: Aggregation = "mean", q: float = 0.5
@@ -106,11 +105,6 @@ def baseline_record(
     if agg == "quantile":
         record["quantile_q"] = float(q)
     return record
-
-
-def _dumps(record: Mapping[str, Any]) -> str:
-    # allow_nan=False: a NaN/inf never reaches a file (the writer checks first and names the prompt)
-    return json.dumps(record, allow_nan=False, ensure_ascii=False)
 
 
 def write_baseline_file(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
@@ -139,10 +133,6 @@ def write_baseline_file(path: str | os.PathLike, records: Iterable[Mapping[str, 
     return path
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_record(obj: Any, where: str) -> tuple[str, float]:
     if not isinstance(obj, dict):
         raise BaselineFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -157,18 +147,6 @@ def _check_record(obj: Any, where: str) -> tuple[str, float]:
     if not math.isfinite(float(b)):
         raise BaselineFileError(f"{where}: 'baseline' of prompt_id {pid!r} is not finite (got {b!r})")
     return pid, float(b)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite literal {name}")
-
-
-def _parse_json_line(line: str, where: str) -> Any:
-    try:
-        # reject the non-standard NaN / Infinity literals that Python's json accepts by default
-        return json.loads(line, parse_constant=_reject_constant)
-    except ValueError as e:
-        raise BaselineFileError(f"{where}: invalid JSON ({e})") from None
 
 
 def read_baselines(path: str | os.PathLike) -> dict[str, float]:
@@ -211,54 +189,3 @@ def read_baselines(path: str | os.PathLike) -> dict[str, float]:
             where = f"{path}, line {lineno}"
             add(_parse_json_line(line, where), where)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------- part files
-def append_records(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
-    """Append JSON lines to a part file and fsync, so a finished batch survives a kill."""
-    if not records:
-        return
-    with open(path, "a", encoding="utf-8", newline="\n") as f:
-        f.write("".join(_dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_part_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a part file. A last line without its newline (a write cut by a kill) is ignored; a bad line
-    anywhere else raises :class:`BaselineFileError` naming the file and line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    # the last element is "" (the file ends with a newline) or a record cut short by a kill: not finished, redone
-    complete = text.split("\n")[:-1]
-    records = []
-    for lineno, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        obj = _parse_json_line(line, where)
-        ok = isinstance(obj, dict) and isinstance(obj.get("prompt_id"), str) and isinstance(obj.get("scores"), list)
-        if not ok:
-            raise BaselineFileError(f"{where}: expected an object with 'prompt_id' and 'scores'")
-        if not all(_is_number(s) and math.isfinite(s) for s in obj["scores"]):
-            raise BaselineFileError(f"{where}: non-numeric or non-finite score for prompt_id {obj['prompt_id']!r}")
-        records.append(obj)
-    return records
-
-
-def repair_part_file(path: str | os.PathLike) -> int:
-    """Cut an incomplete last line (no trailing newline) off a part file. Returns the number of bytes removed."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1  # 0 when there is no complete line at all
-    if keep == len(data):
-        return 0
-    with open(path, "r+b") as f:
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    return len(data) - keep

@@ -1,4 +1,4 @@
-"""LightningDataModules for preferences, demonstrations and prompts.
+"""LightningDataModules for preferences, demonstrations, prompts and sample sets (``k`` policy samples per prompt).
 
 Each reads local files or hub datasets (see :mod:`lightning_rlhf.data.sources`), validates every row, tokenizes
 with ``datasets.Dataset.map`` and pads in the collate function. The tokenizer is the training module's own
@@ -20,11 +20,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_rlhf.data.batches import PaddingSide, PreferenceBatch, PromptBatch, TokenBatch, pad_sequences
+from lightning_rlhf.data.batches import PaddingSide, PreferenceBatch, PromptBatch, SampleSetBatch, TokenBatch
+from lightning_rlhf.data.batches import pad_sequences
 from lightning_rlhf.data.resumable import ResumableSampler
 from lightning_rlhf.data.sources import (
     BUILTIN_PREFIX,
     DataValidationError,
+    ReadReport,
     Row,
     expand_paths,
     prompt_id,
@@ -79,7 +81,7 @@ class _TextDataModule(L.LightningDataModule):
         bucket_window: Global batches per length-sorted window when ``length_bucketing`` is on.
     """
 
-    kind: str = ""  # preferences | demonstrations | prompts
+    kind: str = ""  # preferences | demonstrations | prompts | samples
     text_fields: tuple[str, ...] = ()
 
     def __init__(
@@ -182,10 +184,12 @@ class _TextDataModule(L.LightningDataModule):
             return [resolve_builtin(spec, self.kind, split)]
         return expand_paths(spec)
 
+    def read_report(self, sources: list[str]) -> ReadReport:
+        """Read and validate the rows of ``sources`` (subclasses with another file format override this)."""
+        return read_rows(sources, self.columns(), self.domain_column, self.skip_invalid_rows, self.hub_split)
+
     def _read(self, spec: str | list[str], split: str) -> list[Row]:
-        report = read_rows(
-            self._sources(spec, split), self.columns(), self.domain_column, self.skip_invalid_rows, self.hub_split
-        )
+        report = self.read_report(self._sources(spec, split))
         self.num_skipped += len(report.skipped)
         rows = report.rows
         if self.domains:
@@ -490,4 +494,102 @@ class PromptDataModule(_TextDataModule):
             prompt_ids=[prompt_id(it["prompt"]) for it in items],
             prompts=[it["prompt"] for it in items],
             domains=[it["domain"] for it in items],
+        )
+
+
+class SampleSetDataModule(_TextDataModule):
+    """Sample sets ``(prompt, k responses, optional k scores)`` written by the policy-samples pass
+    (:class:`~lightning_rlhf.methods.policy_samples.PolicySamplesModule`; file format in
+    :mod:`lightning_rlhf.sample_sets`), as :class:`~lightning_rlhf.data.batches.SampleSetBatch`: ``batch_size``
+    prompts per batch, row ``b * k + j`` = prompt ``b`` + its response ``j`` (rows of one prompt adjacent).
+
+    Prompts and responses are tokenised exactly as preference pairs are (same chat template, an EOS appended to every
+    response, the same truncation: prompt cut from the left first, then the response from the right). The stored
+    responses are decoded text, so a response that was cut at ``max_new_tokens`` gets an EOS here too.
+
+    The shared arguments (files, lengths, batch sizes, splits, bucketing) are listed by ``--data.help``; here
+    ``train_path`` / ``val_path`` are sample-set files (``.jsonl`` or ``.parquet``, globs allowed; no hub names or
+    ``builtin:`` data), ``prompt_column`` is fixed to ``prompt`` and ``domain_column`` names the domain field.
+    Every record of all files must have the same ``k``; bad records raise (file, line or row, field) unless
+    ``skip_invalid_rows``. ``length_bucketing`` groups prompts by their longest sample.
+
+    Args:
+        padding_side: Pad sequences on the ``right`` (default) or ``left``.
+    """
+
+    kind = "samples"
+
+    def __init__(self, padding_side: PaddingSide = "right", **kwargs: Any) -> None:
+        kwargs.setdefault("train_path", "runs/policy_samples_tiny/samples.jsonl")
+        super().__init__(**kwargs)
+        for name in ("train_path", "val_path"):
+            spec = getattr(self, name)
+            specs = [spec] if isinstance(spec, str) else list(spec or [])
+            if any(s.startswith(BUILTIN_PREFIX) for s in specs):
+                raise ValueError(f"data.{name}={spec!r}: there is no built-in sample set; write one with "
+                                 "`python cli.py predict -c configs/policy_samples/tiny.yaml`")
+        if self.prompt_column != "prompt":
+            raise ValueError(f"data.prompt_column={self.prompt_column!r}: sample-set files always use 'prompt'")
+        self.padding_side = padding_side
+        #: ``k``, responses per prompt (known after ``setup``)
+        self.num_samples: int | None = None
+
+    def columns(self) -> dict[str, str]:
+        return {"prompt": "prompt", "responses": "responses"}
+
+    def read_report(self, sources: list[str]) -> ReadReport:
+        from lightning_rlhf.sample_sets import read_sample_sets
+
+        records, skipped = read_sample_sets(sources, self.domain_column, self.skip_invalid_rows)
+        if skipped:
+            log.warning("Skipped %d invalid sample-set records; first: %s", len(skipped), skipped[0])
+        if not records:
+            raise DataValidationError(f"No usable records in {sources}.")
+        k = len(records[0].record["responses"])
+        if self.num_samples is not None and k != self.num_samples:  # train and val files must agree too
+            raise DataValidationError(f"{records[0].where}, field 'responses': {k} responses per prompt, but the "
+                                      f"training files have {self.num_samples}")
+        self.num_samples = k
+        rows = []
+        for r in records:
+            fields = {"prompt": r.record["prompt"], "prompt_id": r.record["prompt_id"],
+                      "responses": r.record["responses"]}
+            if "scores" in r.record:
+                fields["scores"] = r.record["scores"]
+            rows.append(Row(fields=fields, domain=r.record["domain"], source=r.source, row=r.row))
+        return ReadReport(rows=rows, skipped=skipped)
+
+    def encode(self, rows: dict[str, list], encoder: _Encoder) -> dict[str, list]:
+        prompts = encoder.prompts(rows["prompt"])
+        out: dict[str, list] = {"prompt_len": [len(p) for p in prompts], "seqs": [], "seq_prompt_lens": [],
+                                "length": []}
+        for p, responses in zip(prompts, rows["responses"]):
+            seqs, plens = [], []
+            for r in encoder.responses(responses):
+                pp, rr = truncate_pair(p, r, encoder.max_length)
+                seqs.append(pp + rr)
+                plens.append(len(pp))
+            out["seqs"].append(seqs)
+            out["seq_prompt_lens"].append(plens)
+            out["length"].append(max(len(x) for x in seqs))
+        return out
+
+    def collate(self, items: list[dict[str, Any]]) -> SampleSetBatch:
+        k = len(items[0]["seqs"])
+        seqs = [s for it in items for s in it["seqs"]]  # row b * k + j = response j of prompt b
+        plens = [p for it in items for p in it["seq_prompt_lens"]]
+        input_ids, attention_mask, loss_mask = _pairs_to_tensors(plens, seqs, self.tokenizer.pad_token_id,
+                                                                 self.padding_side)
+        scores = None
+        if items[0].get("scores") is not None:
+            scores = torch.tensor([s for it in items for s in it["scores"]], dtype=torch.float32)  # (B*k,)
+        return SampleSetBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            domain_ids=torch.tensor([it["domain_id"] for it in items], dtype=torch.long),
+            num_samples=k,
+            prompt_ids=[it["prompt_id"] for it in items],
+            scores=scores,
+            index=torch.tensor([it["index"] for it in items], dtype=torch.long),
         )
