@@ -8,7 +8,10 @@ opponent is refreshed exactly at the round starts; misconfiguration fails naming
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule
 from lightning_rlhf.losses.aihf import aihf_dpo_objective, aihf_reward_loss, nll_demo_loss, spin_loss
 from lightning_rlhf.methods import DPOModule
 from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule
+from tests.test_resume import REPO, StepRecorder, _assert_same_run, _assert_same_weights, _cli_subprocess, _overlay
+from tests.test_resume import _read
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -220,3 +225,98 @@ def test_misconfiguration_names_the_flag():
                                          "PreferenceDataModule"):
         module.check_streams(PreferenceDataModule())
     AIHFDPOModule(w_D=0.0).check_streams(PreferenceDataModule())  # plain DPO: fine
+
+
+# ---------------------------------------------------------------------------------------------- CLI: configs, resume
+def _small_files(root: Path) -> list[str]:
+    """40 short preference pairs and 40 demonstrations of the embedded HH data as small files (tokenising the whole
+    embedded files would dominate these tests), and a config overlay whose two streams read them."""
+    import gzip
+
+    import yaml
+
+    streams = {}
+    for kind, cls in (("preferences", "PreferenceDataModule"), ("demonstrations", "DemonstrationDataModule")):
+        rows = []
+        with gzip.open(REPO / "lightning_rlhf" / "assets" / "data" / f"hh_{kind}_train.jsonl.gz", "rt") as f:
+            for line in f:
+                if len(json.loads(line)["prompt"]) < 200:
+                    rows.append(line)
+                if len(rows) == 40:
+                    break
+        path = root / f"{kind}.jsonl"
+        path.write_text("".join(rows))
+        streams[kind] = {"class_path": f"lightning_rlhf.data.{cls}",
+                         "init_args": {"train_path": str(path), "val_path": str(path), "max_val_rows": 8,
+                                       "batch_size": 4, "max_length": 128, "max_prompt_length": 96,
+                                       "seed": 0 if kind == "preferences" else 1}}
+    overlay = root / "streams.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"class_path": "lightning_rlhf.data.MultiStreamDataModule", "init_args": {
+        "primary": "preferences", "val_stream": "preferences", "streams": streams}}}))
+    return ["-c", str(overlay)]
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny_nll.yaml"])
+def test_tiny_configs_train_end_to_end(config, in_tmp):
+    from lightning_rlhf.cli import main
+
+    cli = main(["fit", "-c", str(REPO / "configs" / "aihf" / config), *_small_files(in_tmp), "--trainer.max_steps=5",
+                "--trainer.val_check_interval=5", "--model.max_new_tokens=8"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.model.iteration == 5 and (Path(cli.trainer.log_dir) / "export" / "model.safetensors").exists()
+    assert all(math.isfinite(float(metrics[k])) for k in ("train/loss", "train/preference_loss", "train/demo_loss",
+                                                           "val/accuracy"))
+    if config == "tiny.yaml":  # round_steps 4: the opponent was last refreshed before step 4
+        assert int(cli.model.opponent.taken_at) == 4 and float(metrics["train/sample_length"]) > 0
+
+
+class AIHFStepRecorder(StepRecorder):
+    """:class:`tests.test_resume.StepRecorder` for AIHF's dict batches: the preference rows (dataset indices) and
+    the demonstration rows (token sums)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch["preferences"], batch_idx)
+        records = _read(Path(self.path))
+        records[-1]["rows"] = [records[-1]["rows"], batch["demonstrations"].input_ids.sum(1).tolist()]
+        Path(self.path).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+AIHF_RECORD = {
+    "metrics": ["train/loss", "train/preference_loss", "train/demo_loss", "train/opponent_taken_at",
+                "train/sample_length", "train/lr"],
+    "attributes": ["iteration"],
+}
+
+
+def _aihf_overlay(tmp: Path, name: str, steps: int, signal_at: int = -1) -> list[str]:
+    args = _overlay(tmp, name, steps, signal_at=signal_at, recorder=AIHF_RECORD)
+    cfg = Path(args[1])
+    cfg.write_text(cfg.read_text().replace("tests.test_resume.StepRecorder", "tests.test_aihf.AIHFStepRecorder"))
+    return args
+
+
+def test_sigkill_mid_round_then_resume_matches_the_uninterrupted_run(in_tmp):
+    """Rounds of 3 steps; killed after step 5 (the opponent was taken before step 3, the policy has moved on since):
+    the resumed run continues with the checkpointed opponent and matches the uninterrupted run step by step."""
+    from lightning_rlhf.cli import main
+
+    base = ["fit", "-c", str(REPO / "configs" / "aihf" / "tiny.yaml"), *_small_files(in_tmp), "--model.round_steps=3",
+            "--model.max_new_tokens=8", "--model.lr_schedule=cosine", "--model.warmup_steps=2"]
+    main([*base, *_aihf_overlay(in_tmp, "ref", 8)])
+    proc = _cli_subprocess([*base, *_aihf_overlay(in_tmp, "run", 8, signal_at=5)], in_tmp)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = torch.load(in_tmp / "run_ckpt" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    assert int(state["opponent.taken_at"]) == 3
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state[f"opponent.model.{w}"], state[f"policy.{w}"])  # mid-round: not rebuildable
+
+    cli = main([*base, *_aihf_overlay(in_tmp, "run", 8), "--ckpt_path=last"])
+    assert cli.model.iteration == 8 and int(cli.model.opponent.taken_at) == 6
+    records, reference = _read(in_tmp / "run.jsonl"), _read(in_tmp / "ref.jsonl")
+    assert [r["metrics"][3] for r in reference] == [0, 0, 0, 3, 3, 3, 6, 6]  # refreshed on schedule
+    _assert_same_run(records, reference)
+    _assert_same_weights(in_tmp / "run_export", in_tmp / "ref_export")
+    final = torch.load(in_tmp / "ref_ckpt" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    for key, value in final.items():
+        if key.startswith("opponent."):
+            assert torch.equal(cli.model.state_dict()[key], value), key
