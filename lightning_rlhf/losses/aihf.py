@@ -6,7 +6,7 @@ tokens' log-probs (as in DPO).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import torch
 
@@ -99,6 +99,8 @@ def aihf_reward_loss(
     demo_term: RewardDemoTerm = "bt",
     term_norm: TermNorm = "per_term",
     beta: float = 0.1,
+    num_demo_pairs: Optional[int] = None,
+    num_pref_pairs: Optional[int] = None,
 ) -> AIHFRewardLoss:
     """AIHF's reward step (spec 5, variant A): ``L_R = w_D * BT(y_E > y~) + w_P * BT(y_w > y_l)``.
 
@@ -120,9 +122,13 @@ def aihf_reward_loss(
         demo_term: ``bt`` or ``linear``.
         term_norm: ``per_term`` or ``pooled``.
         beta: KL strength of the inner problem (scales the ``linear`` term).
+        num_demo_pairs: ``N`` of the whole batch when these tensors are a micro-batch of it (the micro-batches'
+            totals then add up to the batch's loss); default: ``demo_scores.numel()``.
+        num_pref_pairs: ``B`` of the whole batch likewise; default: ``chosen_scores.numel()``.
 
     Returns:
-        :class:`AIHFRewardLoss`: the total and each term's mean over its own pairs (unweighted).
+        :class:`AIHFRewardLoss`: the total and each term's sum over these pairs divided by its own pair count
+        (unweighted; the mean when the tensors are the whole batch).
     """
     if demo_term == "bt":
         l_d = bradley_terry_loss(demo_scores, sample_scores)
@@ -131,20 +137,26 @@ def aihf_reward_loss(
     else:
         raise ValueError(f"demo_term must be 'bt' or 'linear', got {demo_term!r}")
     l_p = bradley_terry_loss(chosen_scores, rejected_scores)
-    mean = lambda t: t.mean() if t.numel() else t.new_zeros(())  # noqa: E731
+    n_d = max(l_d.numel() if num_demo_pairs is None else num_demo_pairs, 1)
+    n_p = max(l_p.numel() if num_pref_pairs is None else num_pref_pairs, 1)
+    term_d, term_p = l_d.sum() / n_d, l_p.sum() / n_p
     if term_norm == "per_term":
         total = l_p.new_zeros(())
         if w_D:
-            total = total + w_D * mean(l_d)
+            total = total + w_D * term_d
         if w_P:
-            total = total + w_P * mean(l_p)
+            total = total + w_P * term_p
     elif term_norm == "pooled":
-        count = (l_d.numel() if w_D else 0) + (l_p.numel() if w_P else 0)
-        total = ((w_D * l_d.sum() if w_D else 0.0) + (w_P * l_p.sum() if w_P else 0.0)) / max(count, 1)
-        total = torch.as_tensor(total, dtype=l_p.dtype, device=l_p.device)
+        count = (n_d if w_D else 0) + (n_p if w_P else 0)
+        total = l_p.new_zeros(())
+        if w_D:
+            total = total + w_D * l_d.sum()
+        if w_P:
+            total = total + w_P * l_p.sum()
+        total = total / max(count, 1)
     else:
         raise ValueError(f"term_norm must be 'per_term' or 'pooled', got {term_norm!r}")
-    return AIHFRewardLoss(total, mean(l_d).detach(), mean(l_p).detach())
+    return AIHFRewardLoss(total, term_d.detach(), term_p.detach())
 
 
 __all__ = [

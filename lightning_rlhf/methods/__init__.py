@@ -1,5 +1,6 @@
 """One LightningModule per method."""
 
+from lightning_rlhf.methods.aihf import AIHFModule
 from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.contrastive import BaselineSamplerModule, ContrastivePPOModule
@@ -10,7 +11,7 @@ from lightning_rlhf.methods.reward_model import RewardModelModule
 from lightning_rlhf.methods.sft import SFTModule
 
 __all__ = [
-    "AIHFDPOModule", "BaselineSamplerModule", "ContrastivePPOModule", "DPOModule", "PolicySamplesModule", "PPOModule",
+    "AIHFDPOModule", "AIHFModule", "BaselineSamplerModule", "ContrastivePPOModule", "DPOModule", "PolicySamplesModule", "PPOModule",
     "RLHFModule",
     "RewardModelModule", "SFTModule",
 ]
