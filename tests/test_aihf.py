@@ -228,15 +228,17 @@ def test_misconfiguration_names_the_flag():
 
 
 # ---------------------------------------------------------------------------------------------- CLI: configs, resume
-def _small_files(root: Path) -> list[str]:
-    """40 short preference pairs and 40 demonstrations of the embedded HH data as small files (tokenising the whole
-    embedded files would dominate these tests), and a config overlay whose two streams read them."""
+def _small_files(root: Path, prompts: bool = False) -> list[str]:
+    """40 short preference pairs and 40 demonstrations (and prompts) of the embedded HH data as small files
+    (tokenising the whole embedded files would dominate these tests), and a config overlay whose streams read them."""
     import gzip
 
     import yaml
 
     streams = {}
-    for kind, cls in (("preferences", "PreferenceDataModule"), ("demonstrations", "DemonstrationDataModule")):
+    kinds = [("prompts", "PromptDataModule")] if prompts else []
+    kinds += [("preferences", "PreferenceDataModule"), ("demonstrations", "DemonstrationDataModule")]
+    for kind, cls in kinds:
         rows = []
         with gzip.open(REPO / "lightning_rlhf" / "assets" / "data" / f"hh_{kind}_train.jsonl.gz", "rt") as f:
             for line in f:
@@ -246,13 +248,15 @@ def _small_files(root: Path) -> list[str]:
                     break
         path = root / f"{kind}.jsonl"
         path.write_text("".join(rows))
-        streams[kind] = {"class_path": f"lightning_rlhf.data.{cls}",
-                         "init_args": {"train_path": str(path), "val_path": str(path), "max_val_rows": 8,
-                                       "batch_size": 4, "max_length": 128, "max_prompt_length": 96,
-                                       "seed": 0 if kind == "preferences" else 1}}
+        args = {"train_path": str(path), "val_path": str(path), "max_val_rows": 8, "batch_size": 4,
+                "max_prompt_length": 96, "seed": len(streams)}
+        if kind != "prompts":
+            args["max_length"] = 128
+        streams[kind] = {"class_path": f"lightning_rlhf.data.{cls}", "init_args": args}
+    primary = "prompts" if prompts else "preferences"
     overlay = root / "streams.yaml"
     overlay.write_text(yaml.safe_dump({"data": {"class_path": "lightning_rlhf.data.MultiStreamDataModule", "init_args": {
-        "primary": "preferences", "val_stream": "preferences", "streams": streams}}}))
+        "primary": primary, "val_stream": primary, "streams": streams}}}))
     return ["-c", str(overlay)]
 
 
@@ -320,3 +324,127 @@ def test_sigkill_mid_round_then_resume_matches_the_uninterrupted_run(in_tmp):
     for key, value in final.items():
         if key.startswith("opponent."):
             assert torch.equal(cli.model.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------- AIHFModule (explicit)
+def _rlhf_module(**kw):
+    from lightning_rlhf.methods import AIHFModule
+
+    torch.manual_seed(0)
+    module = AIHFModule(export_dir=None, reward_model_name_or_path="builtin:tiny-llama", micro_batch_size=2,
+                        max_new_tokens=8, **kw)
+    module.configure_model()
+    return module
+
+
+def _reward_step(module, prefs, demos):
+    """The reward phase with the optimizer update replaced by a recorder of the loss and the reward model's grads."""
+    seen = {}
+
+    def update(loss=None, watch=None, role=None):
+        assert role == "reward"
+        seen["loss"] = loss.detach().clone()
+        seen["grads"] = {n: p.grad.detach().clone() for n, p in module.reward_model.named_parameters()
+                         if p.grad is not None}
+        return torch.zeros(())
+
+    module.manual_backward = lambda loss: loss.backward()
+    module.optimizer_update = update
+    module.current_lr = lambda role=None: 0.0
+    module.reward_step(prefs, demos)
+    return seen["loss"], seen["grads"]
+
+
+def _hand_score(model, ids, attn):
+    """A reward model's score of one row, on its real tokens only (no padding)."""
+    keep = attn.bool()
+    return model(ids[keep][None], torch.ones(1, int(keep.sum()), dtype=torch.long))[0].double()
+
+
+def test_rlhf_reward_step_with_w_D_zero_is_plain_bradley_terry():
+    module = _rlhf_module(w_D=0.0, w_P=1.0)
+    prefs = _data(module)["preferences"]
+    loss, grads = _reward_step(module, prefs, None)
+    module.reward_model.zero_grad(set_to_none=True)
+    B = prefs.num_pairs
+    hand = sum(-F.logsigmoid(_hand_score(module.reward_model, prefs.input_ids[i], prefs.attention_mask[i])
+                             - _hand_score(module.reward_model, prefs.input_ids[B + i], prefs.attention_mask[B + i]))
+               for i in range(B)) / B
+    hand.backward()
+    torch.testing.assert_close(loss.double(), hand.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in module.reward_model.named_parameters():
+        torch.testing.assert_close(grads[n].double(), p.grad.double(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("term_norm,demo_term", [("per_term", "bt"), ("pooled", "bt"), ("per_term", "linear")])
+def test_rlhf_reward_step_terms_by_hand(term_norm, demo_term):
+    module = _rlhf_module(w_D=0.5, w_P=2.0, term_norm=term_norm, demo_term=demo_term, kl_coef=0.25)
+    batch = _data(module)
+    prefs, demos = batch["preferences"], batch["demonstrations"].slice(0, 3)  # N = 3 demonstrations, B = 4 pairs
+    module.reward_count.fill_(16.0)
+    module.reward_mean.fill_(2.0)
+    loss, _ = _reward_step(module, prefs, demos)
+    pairs, N, B = module.last_demo_pairs, 3, prefs.num_pairs
+    with torch.no_grad():
+        score = lambda b, r: _hand_score(module.reward_model, b.input_ids[r], b.attention_mask[r])  # noqa: E731
+        margins_d = [score(pairs, i) - score(pairs, N + i) for i in range(N)]
+        l_d = [(-m / 0.25) if demo_term == "linear" else -F.logsigmoid(m) for m in margins_d]
+        l_p = [-F.logsigmoid(score(prefs, i) - score(prefs, B + i)) for i in range(B)]
+    if term_norm == "per_term":
+        expected = 0.5 * sum(l_d) / N + 2.0 * sum(l_p) / B
+    else:
+        expected = (0.5 * sum(l_d) + 2.0 * sum(l_p)) / (N + B)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    # the reward changed: PPO's running score moments restart
+    assert float(module.reward_count) == 0 and float(module.reward_mean) == 0 and float(module.reward_var) == 1
+
+
+def test_rlhf_misconfiguration_names_the_flag():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    from lightning_rlhf.data.streams import MultiStreamDataModule
+    from lightning_rlhf.methods import AIHFModule
+
+    with pytest.raises(ValueError, match="model.reward_model_name_or_path"):
+        AIHFModule(reward_fn={"class_path": "lightning_rlhf.rewards.TokenCountReward"})
+    with pytest.raises(ValueError, match="model.term_norm"):
+        AIHFModule(reward_model_name_or_path="builtin:tiny-llama", term_norm="mixed")
+    module = AIHFModule(reward_model_name_or_path="builtin:tiny-llama", on_nonfinite="stop", export_dir=None)
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    deepspeed.config = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match=r"\(policy, reward\).*one optimizer only; use trainer.strategy: ddp"):
+        module.check_strategy(deepspeed, batch_size=8)
+    with pytest.raises(ValueError, match="find_unused_parameters: true"):
+        module.check_strategy(DDPStrategy(), batch_size=8)
+    module.check_strategy(DDPStrategy(find_unused_parameters=True), batch_size=8)
+    assert module.required_streams == ("prompts", "preferences", "demonstrations")
+    two = MultiStreamDataModule(streams={"prompts": {"class_path": "lightning_rlhf.data.PromptDataModule"},
+                                         "preferences": {"class_path": "lightning_rlhf.data.PreferenceDataModule"}})
+    with pytest.raises(ValueError, match="demonstrations"):
+        two.check_required_streams(module)
+
+
+def test_rlhf_tiny_config_trains_end_to_end_and_exports_both_models(in_tmp):
+    from safetensors.torch import load_file
+
+    from lightning_rlhf.cli import main
+
+    cli = main(["fit", "-c", str(REPO / "configs" / "aihf" / "tiny_rlhf.yaml"), *_small_files(in_tmp, prompts=True),
+                "--model.max_iterations=3", "--model.max_new_tokens=8", "--model.mini_batch_size=4",
+                "--model.micro_batch_size=4"])
+    model = cli.model
+    assert model.iteration == 3 and model.reward_steps_done == 3
+    metrics = cli.trainer.callback_metrics
+    for key in ("reward/loss", "reward/demo_term", "reward/preference_term", "score/mean", "policy/loss"):
+        assert math.isfinite(float(metrics[key])), key
+    export = Path(cli.trainer.log_dir) / "export"
+    assert (export / "model.safetensors").exists()
+    rm = load_file(str(export / "reward_model" / "model.safetensors"))
+    trained = {k: v for k, v in model.reward_model.hf_model.state_dict().items()}
+    assert rm.keys() == trained.keys() and all(torch.equal(rm[k], trained[k]) for k in rm)
+    fresh = _rlhf_module().reward_model.hf_model.state_dict()
+    assert any(not torch.equal(rm[k], fresh[k]) for k in rm)  # the reward model was trained
+    opt_policy, opt_reward = cli.model.optimizers()
+    reward_ids = {id(p) for p in model.reward_model.parameters()}
+    assert {id(p) for g in opt_reward.optimizer.param_groups for p in g["params"]} == reward_ids
+    assert not reward_ids & {id(p) for g in opt_policy.optimizer.param_groups for p in g["params"]}
