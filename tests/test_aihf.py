@@ -448,3 +448,40 @@ def test_rlhf_tiny_config_trains_end_to_end_and_exports_both_models(in_tmp):
     reward_ids = {id(p) for p in model.reward_model.parameters()}
     assert {id(p) for g in opt_reward.optimizer.param_groups for p in g["params"]} == reward_ids
     assert not reward_ids & {id(p) for g in opt_policy.optimizer.param_groups for p in g["params"]}
+
+
+RLHF_RECORD = {
+    "metrics": ["score/mean", "policy/loss", "value/loss", "reward/loss", "reward/demo_term", "reward/preference_term",
+                "reward/lr"],
+    "attributes": ["iteration", "reward_steps_done", "reward_mean", "reward_var", "reward_count"],
+}
+
+
+@pytest.mark.slow
+def test_rlhf_sigkill_then_resume_matches_the_uninterrupted_run(in_tmp):
+    """4 iterations, killed after iteration 2: the trained reward model, both optimizers and the restarted moments
+    come back from the checkpoint, and the resumed run matches the uninterrupted one step by step (about 70 s)."""
+    from lightning_rlhf.cli import main
+
+    base = ["fit", "-c", str(REPO / "configs" / "aihf" / "tiny_rlhf.yaml"), *_small_files(in_tmp, prompts=True),
+            "--model.max_iterations=4", "--model.max_new_tokens=8", "--model.mini_batch_size=4",
+            "--model.micro_batch_size=4"]
+
+    def overlay(name, signal_at=-1):
+        args = _overlay(in_tmp, name, -1, signal_at=signal_at, recorder=RLHF_RECORD)
+        cfg = Path(args[1])
+        cfg.write_text(cfg.read_text().replace("tests.test_resume.StepRecorder", "tests.test_aihf.AIHFStepRecorder"))
+        return [*args, "--trainer.max_steps=-1"]
+
+    main([*base, *overlay("ref")])
+    proc = _cli_subprocess([*base, *overlay("run", signal_at=2)], in_tmp)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = torch.load(in_tmp / "run_ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["iteration"] == 2 and state["reward_steps_done"] == 2 and len(state["optimizer_states"]) == 2
+    assert any(k.startswith("reward_model.") for k in state["state_dict"])  # trained: saved, not rebuilt
+
+    cli = main([*base, *overlay("run"), "--ckpt_path=last"])
+    assert cli.model.iteration == 4
+    _assert_same_run(_read(in_tmp / "run.jsonl"), _read(in_tmp / "ref.jsonl"))
+    _assert_same_weights(in_tmp / "run_export", in_tmp / "ref_export")
+    _assert_same_weights(in_tmp / "run_export" / "reward_model", in_tmp / "ref_export" / "reward_model")
