@@ -9,7 +9,10 @@ demonstration stream of the same size). Phases (logged by ``AIHFDPOModule`` as `
 * ``policy step``: the DPO term, the demonstration term (``spin``: policy and opponent forwards on ``y_E`` and ``y~``;
   ``nll``: one policy forward on ``y_E``) and the optimizer step.
 
-There is no reward step here: AIHF-DPO has no reward model (the explicit-reward ``AIHFModule`` is not built yet).
+A second table compares the explicit-reward ``AIHFModule`` with PPO at the same prompt batch (PPO against the same
+reward model, frozen): one PPO iteration (rollout sampling ``generate``, scoring forwards ``score``, the PPO
+``update``) plus, for AIHF, the reward phase (sampling on the demonstration prompts, the reward model's step).
+
 Each configuration runs ``--steps`` steps of a real Trainer on a fixed batch; the first is dropped (warm-up) and the
 median of the rest is printed.
 
@@ -36,8 +39,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule  # noqa: E402
-from lightning_rlhf.methods import DPOModule  # noqa: E402
+from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule, PromptDataModule  # noqa: E402
+from lightning_rlhf.methods import AIHFModule, DPOModule, PPOModule  # noqa: E402
 from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule  # noqa: E402
 
 
@@ -46,7 +49,9 @@ class StepTimer(L.Callback):
 
     def __init__(self) -> None:
         self.steps: list[float] = []
-        self.phases: dict[str, list[float]] = {"time/sample": [], "time/policy_step": []}
+        self.phases: dict[str, list[float]] = {k: [] for k in ("time/sample", "time/policy_step", "time/generate",
+                                                                 "time/score", "time/update", "time/reward_sample",
+                                                                 "time/reward_step")}
         self._t = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -65,9 +70,11 @@ def fixed_batches(model: str, n: int, max_length: int, max_prompt_length: int) -
 
     tok = load_tokenizer(model)
     out = {}
-    for name, cls in (("preferences", PreferenceDataModule), ("demonstrations", DemonstrationDataModule)):
-        dm = cls(max_train_rows=n, batch_size=n, max_length=max_length, max_prompt_length=max_prompt_length,
-                 skip_invalid_rows=True, seed=0)
+    for name, cls in (("preferences", PreferenceDataModule), ("demonstrations", DemonstrationDataModule),
+                      ("prompts", PromptDataModule)):
+        kw = {} if name == "prompts" else {"max_length": max_length}
+        dm = cls(max_train_rows=n, batch_size=n, max_prompt_length=max_prompt_length, skip_invalid_rows=True, seed=0,
+                 **kw)
         dm.set_tokenizer(tok)
         dm.setup("fit")
         out[name] = dm.collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
@@ -128,6 +135,26 @@ def main() -> None:
         sample = f"{med(timer.phases['time/sample']):9.3f}" if "spin" in name else f"{'-':>9}"
         policy = med(timer.phases["time/policy_step"]) if timer.phases["time/policy_step"] else step
         print(f"{name:<24} {step:8.3f} {sample} {policy:14.3f} {step / base:6.2f}", flush=True)
+
+    # explicit reward: PPO vs AIHFModule (one iteration = one training step)
+    rl = dict(model_name_or_path=args.model, reward_model_name_or_path=args.model, export_dir=None, lr=1e-5,
+              critic_lr=1e-5, max_new_tokens=args.max_new_tokens, rollout_engine=args.engine, ppo_epochs=1,
+              log_samples_every_n=0, max_iterations=args.steps)
+    print(f"\n{args.batch} prompts per PPO iteration (+ {args.batch} pairs and {args.batch} demonstrations for AIHF)")
+    print(f"{'method':<24} {'iter s':>8} {'generate':>9} {'score':>7} {'update':>7} {'rm sample':>10} "
+          f"{'rm step':>8} {'x PPO':>6}")
+    base = None
+    for name, make, batch in (("PPO", lambda: PPOModule(**rl), batches["prompts"]),
+                              ("AIHF (explicit reward)", lambda: AIHFModule(reward_lr=1e-5, **rl), batches)):
+        torch.manual_seed(0)
+        timer = run(make(), batch, args.steps)
+        step = med(timer.steps)
+        base = base or step
+        cols = [med(timer.phases[k]) for k in ("time/generate", "time/score", "time/update")]
+        rm = [f"{med(timer.phases[k]):10.3f}" if timer.phases[k] else f"{'-':>10}" for k in ("time/reward_sample",)]
+        rm += [f"{med(timer.phases['time/reward_step']):8.3f}" if timer.phases["time/reward_step"] else f"{'-':>8}"]
+        print(f"{name:<24} {step:8.3f} {cols[0]:9.3f} {cols[1]:7.3f} {cols[2]:7.3f} {rm[0]} {rm[1]} {step / base:6.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
