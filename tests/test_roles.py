@@ -169,6 +169,18 @@ def test_snapshot_and_both_optimizers_are_restored_exactly_on_resume(tmp_path):
     assert math.isclose(resumed.current_lr("policy"), full.current_lr("policy"))
 
 
+def test_overlapping_optimizer_roles_are_refused():
+    class Overlapping(TwoModels):
+        def optimizer_roles(self):
+            both = [OptimizerRole(n, [{"params": list(self.policy.parameters())}], 0.1) for n in ("policy", "reward")]
+            return both
+
+    module = Overlapping()
+    module.configure_model()
+    with pytest.raises(RuntimeError, match="'reward' shares parameters with an earlier role"):
+        module.configure_optimizers()
+
+
 def test_resume_refuses_a_checkpoint_without_the_snapshot(tmp_path):
     module = TwoModels()
     module.configure_model()

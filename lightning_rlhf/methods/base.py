@@ -225,7 +225,13 @@ class RLHFModule(L.LightningModule):
             raise RuntimeError(f"{type(self).__name__}.optimizer_roles() returned {[r.name for r in roles]}, but its "
                                f"optimizer_role_names are {list(self.optimizer_role_names)}")
         optimizers, schedulers = [], []
+        seen: set[int] = set()
         for role in roles:
+            ids = {id(p) for g in role.param_groups for p in g["params"]}
+            if ids & seen:
+                raise RuntimeError(f"{type(self).__name__}: optimizer role {role.name!r} shares parameters with an "
+                                   "earlier role (each parameter must have exactly one optimizer)")
+            seen |= ids
             if not role.param_groups:
                 raise RuntimeError(f"{type(self).__name__} has no trainable parameters"
                                    + ("." if len(roles) == 1 else f" in optimizer role {role.name!r}."))
