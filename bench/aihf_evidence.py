@@ -82,6 +82,29 @@ def demo_loglik(module, dm: DemonstrationDataModule) -> float:
     return -nll / max(n, 1.0)
 
 
+def length_baseline(files: dict, args) -> dict:
+    """Share of held-out pairs (as tokenised and truncated for training) whose chosen response has more tokens (ties,
+    e.g. both truncated, count 1/2): the accuracy of "the longer response wins", a confounder of implicit-reward accuracy (a summed log-ratio grows with
+    length when the policy learns generic text)."""
+    from lightning_rlhf.models.factory import load_tokenizer
+
+    dm = PreferenceDataModule(train_path=str(files["pref_train"]), val_path=str(files["pref_test"]),
+                              max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                              skip_invalid_rows=True)
+    dm.set_tokenizer(load_tokenizer("builtin:tiny-llama"))
+    dm.setup("fit")
+    wins: dict[str, list[float]] = {}
+    for batch in dm.val_dataloader():
+        lengths = batch.loss_mask.sum(-1)
+        B = batch.num_pairs
+        for i in range(B):
+            win = 1.0 if lengths[i] > lengths[B + i] else 0.5 if lengths[i] == lengths[B + i] else 0.0  # tie: a coin
+            wins.setdefault(dm.domain_names[int(batch.domain_ids[i])], []).append(win)
+    out = {d: statistics.mean(v) for d, v in wins.items()}
+    out["all"] = statistics.mean(x for v in wins.values() for x in v)
+    return out
+
+
 def run_one(method: str, fraction: float, seed: int, files: dict, args) -> dict:
     L.seed_everything(seed, verbose=False)
     pairs = max(int(round(fraction * args.pairs * len(DOMAINS))), args.batch)
@@ -115,13 +138,13 @@ def run_one(method: str, fraction: float, seed: int, files: dict, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=160, help="training pairs per domain in the 100%% pool")
-    ap.add_argument("--demos", type=int, default=100, help="demonstrations per domain")
-    ap.add_argument("--val", type=int, default=100, help="held-out pairs (and demonstrations) per domain")
+    ap.add_argument("--pairs", type=int, default=80, help="training pairs per domain in the 100%% pool")
+    ap.add_argument("--demos", type=int, default=60, help="demonstrations per domain")
+    ap.add_argument("--val", type=int, default=60, help="held-out pairs (and demonstrations) per domain")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["DPO", "AIHF-DPO (nll)", "Self-Play AIHF"])
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -152,6 +175,9 @@ def main() -> None:
     print(f"domains {', '.join(DOMAINS)}; rows (before length filtering): {sizes}; {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr}, beta {args.beta}, w_D {args.w_D}; builtin:tiny-llama; seeds {args.seeds}",
           flush=True)
+    base = length_baseline(files, args)
+    print("length baseline (chosen response has more tokens) on the held-out pairs: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), flush=True)
     rows = []
     t0 = time.time()
     for fraction in args.fractions:
