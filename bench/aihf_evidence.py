@@ -84,8 +84,8 @@ def demo_loglik(module, dm: DemonstrationDataModule) -> float:
 
 def length_baseline(files: dict, args) -> dict:
     """Share of held-out pairs (as tokenised and truncated for training) whose chosen response has more tokens (ties,
-    e.g. both truncated, count 1/2): the accuracy of "the longer response wins", a confounder of implicit-reward accuracy (a summed log-ratio grows with
-    length when the policy learns generic text)."""
+    e.g. both truncated, count 1/2): the accuracy of "the longer response wins", a confounder of implicit-reward
+    accuracy (a summed log-ratio grows with length when the policy learns generic text)."""
     from lightning_rlhf.models.factory import load_tokenizer
 
     dm = PreferenceDataModule(train_path=str(files["pref_train"]), val_path=str(files["pref_test"]),

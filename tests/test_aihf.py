@@ -49,7 +49,8 @@ def test_reward_step_terms_by_hand():
     l_d = [sp(1.0), sp(-0.5)]  # N = 2 demonstration pairs
     l_p = [sp(1.0), sp(-1.0), sp(0.0)]  # B = 3 preference pairs
     out = aihf_reward_loss(r_e, r_s, r_w, r_l, w_D=0.5, w_P=2.0)  # per_term: each averaged over its own pairs
-    assert out.demonstration.item() == pytest.approx(sum(l_d) / 2) and out.preference.item() == pytest.approx(sum(l_p) / 3)
+    assert out.demonstration.item() == pytest.approx(sum(l_d) / 2)
+    assert out.preference.item() == pytest.approx(sum(l_p) / 3)
     assert out.total.item() == pytest.approx(0.5 * sum(l_d) / 2 + 2.0 * sum(l_p) / 3)
     pooled = aihf_reward_loss(r_e, r_s, r_w, r_l, w_D=0.5, w_P=2.0, term_norm="pooled")
     assert pooled.total.item() == pytest.approx((0.5 * sum(l_d) + 2.0 * sum(l_p)) / 5)
@@ -255,8 +256,9 @@ def _small_files(root: Path, prompts: bool = False) -> list[str]:
         streams[kind] = {"class_path": f"lightning_rlhf.data.{cls}", "init_args": args}
     primary = "prompts" if prompts else "preferences"
     overlay = root / "streams.yaml"
-    overlay.write_text(yaml.safe_dump({"data": {"class_path": "lightning_rlhf.data.MultiStreamDataModule", "init_args": {
-        "primary": primary, "val_stream": primary, "streams": streams}}}))
+    data = {"class_path": "lightning_rlhf.data.MultiStreamDataModule",
+            "init_args": {"primary": primary, "val_stream": primary, "streams": streams}}
+    overlay.write_text(yaml.safe_dump({"data": data}))
     return ["-c", str(overlay)]
 
 

@@ -104,7 +104,8 @@ def aihf_reward_loss(
 ) -> AIHFRewardLoss:
     """AIHF's reward step (spec 5, variant A): ``L_R = w_D * BT(y_E > y~) + w_P * BT(y_w > y_l)``.
 
-    * ``demo_term: bt``: ``l_D = -log sigmoid(r(x, y_E) - r(x, y~))``; ``linear``: ``l_D = -(r(x, y_E) - r(x, y~)) / beta``.
+    * ``demo_term: bt``: ``l_D = -log sigmoid(r(x, y_E) - r(x, y~))``;
+      ``linear``: ``l_D = -(r(x, y_E) - r(x, y~)) / beta``.
     * ``l_P = -log sigmoid(r(x, y_w) - r(x, y_l))`` (Bradley-Terry).
     * ``term_norm: per_term`` (default): ``L_R = w_D * mean_D l_D + w_P * mean_P l_P``, each term over its own pairs;
       ``pooled``: ``L_R = (w_D * sum_D l_D + w_P * sum_P l_P) / (N + B)``, both kinds of pairs in one mean (the

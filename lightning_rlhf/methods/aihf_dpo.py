@@ -7,7 +7,8 @@ Li et al., "Joint Reward and Policy Learning with Demonstrations and Human Feedb
 
 over a preference stream ``P`` and a demonstration stream ``D`` read together. ``demo_term``:
 
-* ``spin`` (Self-Play AIHF): ``l_demo = -log sigmoid(beta [(log pi(y_E) - log pi_t(y_E)) - (log pi(y~) - log pi_t(y~))])``
+* ``spin`` (Self-Play AIHF):
+  ``l_demo = -log sigmoid(beta [(log pi(y_E) - log pi_t(y_E)) - (log pi(y~) - log pi_t(y~))])``
   with ``y~ ~ pi_t`` sampled on the demonstration's prompt. The opponent ``pi_t`` is a snapshot of the policy
   (``lightning_rlhf/models/roles.py``) refreshed at the start of every round of ``round_steps`` training steps; it is
   saved in checkpoints, so a resumed run continues with the same opponent.
@@ -199,8 +200,8 @@ class AIHFDPOModule(DPOModule):
     def sample_from_opponent(self, demos: TokenBatch) -> GenerationOutput:
         """One response ``y~ ~ pi_t`` per demonstration prompt: one batched call of the rollout engine."""
         if demos.prompt_input_ids is None or demos.prompt_attention_mask is None:
-            raise ValueError("model.demo_term: spin samples on the demonstrations' prompts, but the demonstration batch "
-                             "has no prompt_input_ids (use DemonstrationDataModule)")
+            raise ValueError("model.demo_term: spin samples on the demonstrations' prompts, but the demonstration "
+                             "batch has no prompt_input_ids (use DemonstrationDataModule)")
         return self.generator.generate(self.opponent.model, demos.prompt_input_ids, demos.prompt_attention_mask,
                                        seed=self.rollout_seed())
 
@@ -239,7 +240,8 @@ class AIHFDPOModule(DPOModule):
             rejected.append(out.rejected_rewards)
         return {"loss": total, "logits": torch.cat(hs), "chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
 
-    def demo_backward(self, demos: TokenBatch, samples: Optional[GenerationOutput], last: bool) -> dict[str, torch.Tensor]:
+    def demo_backward(self, demos: TokenBatch, samples: Optional[GenerationOutput],
+                      last: bool) -> dict[str, torch.Tensor]:
         """``w_D *`` the demonstration term (mean over the ``N`` demonstrations), backpropagated by micro-batch."""
         N = len(demos)
         size = self.demo_micro_batch_size or self.micro_batch_size or N

@@ -36,7 +36,8 @@ class Snapshot(nn.Module):
 
     The copy's parameters never require gradients and the module stays in eval mode whatever ``train()`` is called
     with (``forward`` also re-enters eval mode, since Lightning restores recorded modes on submodules directly); call
-    the snapshot itself (``snapshot(input_ids=...)``) rather than ``snapshot.model`` for the forward pass. ``taken_at`` (a buffer, so it is
+    the snapshot itself (``snapshot(input_ids=...)``) rather than ``snapshot.model`` for the forward pass.
+    ``taken_at`` (a buffer, so it is
     checkpointed with the weights) records the training step of the last :meth:`refresh` (-1: the initial copy).
 
     Args:
