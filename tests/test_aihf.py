@@ -72,9 +72,14 @@ _BATCHES: dict = {}
 def _data(module, n=4):
     """4 preference pairs and 4 demonstrations of the embedded HH data (tokenised once per test session)."""
     if not _BATCHES:
-        kw = dict(max_train_rows=4, batch_size=4, max_length=96, max_prompt_length=64, skip_invalid_rows=True, seed=3)
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="aihf_batches_"))
+        _small_files(root)  # small files: tokenising the embedded ones would take most of these tests' time
         for name, cls in (("preferences", PreferenceDataModule), ("demonstrations", DemonstrationDataModule)):
-            dm = cls(**kw)
+            path = str(root / f"{name}.jsonl")
+            dm = cls(train_path=path, val_path=path, max_train_rows=4, batch_size=4, max_length=96,
+                     max_prompt_length=64, skip_invalid_rows=True, seed=3)
             dm.set_tokenizer(module.tokenizer)
             dm.setup("fit")
             _BATCHES[name] = dm.collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
