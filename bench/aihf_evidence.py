@@ -18,7 +18,7 @@ demonstration term changes held-out preference accuracy at this scale, not wheth
 Not measured: the policy's score under a reward model none of them trained on (no independent reward model is
 available offline at this scale).
 
-    python bench/aihf_evidence.py                         # ~10-15 min on 1 CPU thread
+    python bench/aihf_evidence.py                         # 27 runs: 22 min on a shared 2-core CPU (1 thread)
     python bench/aihf_evidence.py --seeds 0 --fractions 0.1 --steps 8   # a quick look
 """
 
