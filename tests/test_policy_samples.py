@@ -54,7 +54,12 @@ def _records(path: Path) -> list[dict[str, Any]]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted single-process pass (12 prompts, k=4)."""
     out = tmp_path_factory.mktemp("ps_ref") / "samples.jsonl"
-    main(["predict", "-c", CONFIG, *SMALL, f"--model.init_args.output_path={out}"])
+    cwd = os.getcwd()
+    os.chdir(out.parent)  # the CLI saves its config.yaml in the working folder
+    try:
+        main(["predict", "-c", CONFIG, *SMALL, f"--model.init_args.output_path={out}"])
+    finally:
+        os.chdir(cwd)
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from callbacks.adaptive_kl import AdaptiveKLController
-from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.data import MultiStreamDataModule, PromptDataModule
 from lightning_rlhf.data.batches import PromptBatch
 from lightning_rlhf.methods.ppo import PPOForwardOutput, PPOModule
 from lightning_rlhf.rollout.experience import Experience
@@ -192,14 +192,15 @@ def test_checkpoint_drops_frozen_models_and_resumes_with_adaptive_kl(tmp_path):
 
 def test_shared_critic_warmup_k3_ptx_and_no_eos_penalty(tmp_path):
     module = _module(critic="shared", critic_warmup_iters=1, kl_estimator="k3", no_eos_penalty=1.0, ptx_coef=0.1,
-                     ptx_data={"train_path": "builtin:hh-rlhf", "batch_size": 2, "max_length": 96,
-                               "max_prompt_length": 48, "skip_invalid_rows": True, "max_train_rows": 16},
                      max_iterations=1, reward_norm="none")
+    ptx = {"class_path": "lightning_rlhf.data.DemonstrationDataModule",
+           "init_args": {"train_path": "builtin:hh-rlhf", "batch_size": 2, "max_length": 96, "max_prompt_length": 48,
+                         "skip_invalid_rows": True, "max_train_rows": 16}}
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     head_before = module.value_head.weight.clone()
     trainer = _trainer(tmp_path)
-    trainer.fit(module, _data())
+    trainer.fit(module, MultiStreamDataModule(streams={"prompts": _data(), "ptx": ptx}))
     # critic warm-up iteration: the value head learned, the policy did not move (ptx is a policy loss, also off)
     assert not torch.equal(module.value_head.weight, head_before)
     assert all(torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
@@ -211,7 +212,7 @@ def test_shared_critic_warmup_k3_ptx_and_no_eos_penalty(tmp_path):
     # second iteration trains the policy (PPO + ptx)
     module.max_iterations = 2
     trainer2 = _trainer(tmp_path)
-    trainer2.fit(module, _data())
+    trainer2.fit(module, MultiStreamDataModule(streams={"prompts": _data(), "ptx": ptx}))
     assert module.iteration == 2
     assert any(not torch.equal(v, before[k]) for k, v in module.policy.state_dict().items())
     assert float(trainer2.callback_metrics["ptx/loss"]) > 0
@@ -250,7 +251,7 @@ import json, sys
 import lightning as L
 import torch
 from callbacks.adaptive_kl import AdaptiveKLController
-from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.data import MultiStreamDataModule, PromptDataModule
 from lightning_rlhf.methods.ppo import PPOModule
 
 L.seed_everything(0)

@@ -65,7 +65,8 @@ def _import_class(path: str, where: str) -> type:
 
 
 def build_stream(name: str, spec: Any) -> _TextDataModule:
-    """Instantiate the data module of stream ``name`` from ``{class_path, init_args}`` (or take an instance).
+    """Instantiate the data module of stream ``name`` from ``{class_path, init_args}`` (or take an instance: the
+    CLI parses and instantiates the streams itself, checking the classes and arguments at parse time).
 
     Raises:
         ValueError: naming ``data.streams.<name>`` and the field at fault.
@@ -151,7 +152,8 @@ class MultiStreamDataModule(L.LightningDataModule):
     tokenizer unless a stream sets ``tokenizer_name_or_path``.
 
     Args:
-        streams: Stream name -> ``{class_path: <data module>, init_args: {...}}``, e.g. ``prompts`` (a
+        streams: Stream name -> data module (``{class_path: ..., init_args: {...}}`` in the YAML; one field of a
+            stream from the command line: ``--data.init_args.streams.ptx.init_args.batch_size=8``), e.g. ``prompts`` (a
             ``PromptDataModule``), ``ptx`` / ``demonstrations`` (``DemonstrationDataModule``), ``preferences``
             (``PreferenceDataModule``), ``samples`` (``SampleSetDataModule``). Default: ``{prompts:
             PromptDataModule}`` with its defaults (the built-in HH-RLHF prompts).
@@ -162,7 +164,7 @@ class MultiStreamDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        streams: Optional[dict[str, dict[str, Any]]] = None,
+        streams: Optional[dict[str, _TextDataModule]] = None,
         primary: Optional[str] = None,
         val_stream: Optional[str] = None,
     ) -> None:

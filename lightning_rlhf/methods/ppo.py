@@ -134,9 +134,12 @@ class PPOModule(RLHFModule):
             recorded while sampling as the old log-probs instead of a second policy forward pass. They equal the
             recomputed ones up to the rounding of the cached decode (about 1e-6 in fp32; larger in bf16, where the
             first PPO epoch's ratio then starts slightly off 1).
-        ptx_coef: Weight of the SFT (pretraining-mix) NLL term; needs ``ptx_data``.
-        ptx_data: ``DemonstrationDataModule`` arguments (e.g. ``{train_path: builtin:hh-rlhf, batch_size: 4}``)
-            for the ptx term; one batch per optimizer step.
+        ptx_coef: Weight of the SFT (pretraining-mix) NLL term; needs a ``ptx`` data stream
+            (``MultiStreamDataModule`` with streams ``prompts`` and ``ptx``, see ``configs/ppo/tiny_ptx.yaml``). Each
+            iteration's ptx batch is split into as many equal row slices as the iteration has minibatches; the
+            optimizer step of minibatch ``i`` adds the token-mean NLL of slice ``i`` (every PPO epoch passes over the
+            slices again, as over the rollouts), so the ptx batch needs at least that many rows.
+        ptx_data: Removed: set it as a ``ptx`` data stream instead (a non-null value fails, naming the new way).
         max_iterations: Stop training after this many PPO iterations (``null``: the trainer's limits decide).
         seed: Base seed of rollout sampling and minibatch shuffling (per rank and iteration, resumable).
         log_samples_every_n: Log a text table of samples every N iterations (0 disables).
@@ -203,8 +206,13 @@ class PPOModule(RLHFModule):
             raise ValueError(f"model.ppo_epochs must be >= 1, got {ppo_epochs}")
         if mini_batch_size is not None and mini_batch_size < 1:
             raise ValueError(f"model.mini_batch_size must be >= 1 or null, got {mini_batch_size}")
-        if ptx_coef > 0 and ptx_data is None:
-            raise ValueError("model.ptx_coef > 0 needs model.ptx_data (DemonstrationDataModule arguments)")
+        if ptx_data is not None:
+            raise ValueError(
+                "model.ptx_data was replaced by a `ptx` data stream (checkpointed, its own shuffled epochs): use "
+                "data: {class_path: lightning_rlhf.data.MultiStreamDataModule, init_args: {streams: {prompts: "
+                "{class_path: lightning_rlhf.data.PromptDataModule, init_args: {...}}, ptx: {class_path: "
+                "lightning_rlhf.data.DemonstrationDataModule, init_args: <your ptx_data>}}}} (configs/ppo/tiny_ptx.yaml)"
+            )
         if critic_lr <= 0:
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
         if rollout_engine not in ("hf", "static"):
@@ -241,7 +249,6 @@ class PPOModule(RLHFModule):
         self.n_samples_per_prompt = n_samples_per_prompt
         self.feature_source: FeatureSource = feature_source
         self.ptx_coef = ptx_coef
-        self.ptx_data = ptx_data
         self.max_iterations = max_iterations
         self.seed = seed
         self.log_samples_every_n = log_samples_every_n
@@ -262,7 +269,7 @@ class PPOModule(RLHFModule):
         self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
         self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
         self._last_stats: dict[str, float] = {}
-        self._ptx_iter: Optional[Iterator[TokenBatch]] = None
+        self._ptx_batch: Optional[TokenBatch] = None  # this iteration's batch of the `ptx` data stream
         self.reward_source: Optional[RewardSource] = None
         self.experience_maker: Optional[ExperienceMaker] = None
 
@@ -538,22 +545,31 @@ class PPOModule(RLHFModule):
         values = self._critic_values(micro.sequences, micro.attention_mask, P, hidden)
         return PPOForwardOutput(logprobs=logprobs, values=values, entropy=entropy)
 
-    def _next_ptx_batch(self) -> TokenBatch:
-        if self._ptx_iter is None:
-            from lightning_rlhf.data.modules import DemonstrationDataModule
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.ptx_coef > 0 and "ptx" not in (getattr(dm, "stream_names", None) or ()):
+            self._ptx_slice(0, 1)  # raises: no ptx stream
 
-            dm = DemonstrationDataModule(**self.ptx_data)
-            dm.set_tokenizer(self.tokenizer)
-            dm.trainer = self._trainer  # each rank draws its own share of every global batch (as for the prompts)
-            dm.setup("fit")
-            loader = dm.train_dataloader()
+    @property
+    def required_streams(self) -> tuple[str, ...]:
+        """Data streams a ``MultiStreamDataModule`` must provide: ``prompts``, and ``ptx`` when ``ptx_coef > 0``."""
+        return ("prompts", "ptx") if self.ptx_coef > 0 else ("prompts",)
 
-            def cycle() -> Iterator[TokenBatch]:
-                while True:
-                    yield from loader
-
-            self._ptx_iter = cycle()
-        return self.transfer_batch_to_device(next(self._ptx_iter), self.device, 0)
+    def _ptx_slice(self, index: int, count: int) -> TokenBatch:
+        """Slice ``index`` of ``count`` equal row slices of this iteration's ptx batch (minibatch ``index``'s share)."""
+        batch = self._ptx_batch
+        if batch is None:
+            raise ValueError("model.ptx_coef > 0 needs a `ptx` data stream: data: {class_path: "
+                             "lightning_rlhf.data.MultiStreamDataModule, init_args: {streams: {prompts: ..., ptx: "
+                             "{class_path: lightning_rlhf.data.DemonstrationDataModule, ...}}}} "
+                             "(configs/ppo/tiny_ptx.yaml)")
+        n = len(batch)
+        if n < count:
+            raise ValueError(f"The ptx batch has {n} rows for {count} minibatches per iteration: raise "
+                             "data.streams.ptx.init_args.batch_size to at least the number of minibatches "
+                             "(rollout batch / model.mini_batch_size)")
+        return batch.slice(index * n // count, (index + 1) * n // count)
 
     def ppo_update(self, exp: Experience) -> dict[str, float]:
         """``ppo_epochs x minibatches`` optimizer steps, each accumulated over micro-batches (step 5)."""
@@ -571,7 +587,8 @@ class PPOModule(RLHFModule):
                 "grad_norm", "steps", "tokens_processed")
         sums = {k: zero.clone() for k in keys}
         for _ in range(self.ppo_epochs):
-            for mb in exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g):
+            n_mb = math.ceil(len(exp) / (self.mini_batch_size or len(exp)))
+            for mb_index, mb in enumerate(exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g)):
                 # token-mean over the minibatch of ALL ranks: DDP averages gradients, so each rank divides its token
                 # sum by (global tokens / world size); with unequal response lengths a per-rank mean would differ
                 n_tokens = self.mean_over_ranks(mb.action_mask.sum()).clamp_min(1)
@@ -594,7 +611,7 @@ class PPOModule(RLHFModule):
                         loss = loss + extra * (len(micro) / len(mb))
                         sums["extra"] += extra.detach().double() * len(micro) / len(mb)
                     if train_policy and self.ptx_coef > 0 and i == len(micros) - 1:
-                        ptx = self._next_ptx_batch()
+                        ptx = self._ptx_slice(mb_index, n_mb)
                         nll_sum, nll_n = masked_nll_sum(self.lm_forward(self.policy, ptx.input_ids, ptx.attention_mask),
                                                         ptx.input_ids, ptx.loss_mask)
                         # token mean over ALL ranks' ptx tokens (DDP averages the gradients of per-rank terms)
@@ -630,8 +647,13 @@ class PPOModule(RLHFModule):
         }
 
     # ------------------------------------------------------------------ the iteration
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """One PPO iteration: rollout -> scores/advantages -> PPO updates -> rank-reduced stats."""
+    def training_step(self, batch: Union[PromptBatch, Mapping[str, Any]], batch_idx: int) -> dict[str, torch.Tensor]:
+        """One PPO iteration: rollout -> scores/advantages -> PPO updates -> rank-reduced stats.
+
+        ``batch`` is a ``PromptBatch``, or with a ``MultiStreamDataModule`` ``{"prompts": PromptBatch, "ptx":
+        TokenBatch}`` (the ptx batch feeds the ptx term of this iteration's optimizer steps)."""
+        if isinstance(batch, Mapping):
+            batch, self._ptx_batch = batch["prompts"], batch.get("ptx")
         exp = self.make_experience(batch)
         self.compute_advantages(exp)
         t0 = self._sync_time()
