@@ -124,9 +124,11 @@ class AIHFModule(PPOModule):
 
     @property
     def required_streams(self) -> tuple[str, ...]:
-        """The streams this module reads (``MultiStreamDataModule`` checks that they are declared)."""
-        return tuple(n for n, w in ((self.prompt_stream, 1.0), (self.preference_stream, self.w_P),
-                                    (self.demonstration_stream, self.w_D)) if w > 0)
+        """The streams this module reads (``MultiStreamDataModule`` checks that they are declared): prompts, ``ptx``
+        when ``ptx_coef > 0``, preferences when ``w_P > 0``, demonstrations when ``w_D > 0``."""
+        weights = ((self.prompt_stream, 1.0), ("ptx", self.ptx_coef), (self.preference_stream, self.w_P),
+                   (self.demonstration_stream, self.w_D))
+        return tuple(name for name, w in weights if w > 0)
 
     def reward_phases(self) -> int:
         """Reward phases of the run (for the reward optimizer's LR schedule)."""
@@ -239,7 +241,8 @@ class AIHFModule(PPOModule):
             raise ValueError("AIHFModule reads several data streams (prompts, preferences, demonstrations): use "
                              "data: MultiStreamDataModule")
         prompts: PromptBatch = batch[self.prompt_stream]
-        out = super().training_step(prompts, batch_idx)  # one PPO iteration; iteration += 1
+        # one PPO iteration (with its ptx stream, if any); iteration += 1
+        out = super().training_step({"prompts": prompts, "ptx": batch.get("ptx")}, batch_idx)
         if self.iteration % self.policy_iterations_per_reward_step == 0:
             prefs = batch.get(self.preference_stream) if self.w_P > 0 else None
             demos = batch.get(self.demonstration_stream) if self.w_D > 0 else None
