@@ -5,6 +5,7 @@ completions per prompt, the same number of new tokens per completion and the sam
 one optimizer step per iteration:
 
     OMP_NUM_THREADS=1 python bench/ppo_iteration.py                      # CPU, built-in tiny Llama, fp32
+    OMP_NUM_THREADS=1 python bench/ppo_iteration.py --ours grpo          # our critic-free GRPO vs TRL's, like for like
     python bench/ppo_iteration.py --model /tmp/smollm2-135m-random --device cuda --precision bf16 \\
         --prompts 64 --completions 4 --new-tokens 128 --prompt-len 64 --warmup 2 --iters 5
 
@@ -320,6 +321,10 @@ def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
         max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0, dtype="float32", gradient_checkpointing=False,
         export_dir=None, log_samples_every_n=0, max_iterations=n_iter, seed=task["seed"],
     )
+    grpo = task.get("ours") == "grpo"
+    if grpo:  # our critic-free GRPO, configured as TRL's GRPOTrainer is below
+        kwargs.update(advantage="grpo", critic="none", n_samples_per_prompt=C, scale_rewards="group", kl_in="loss",
+                      kl_loss_coef=KL_BETA, loss_agg=task["loss_agg"], reward_norm="none")
     if engine_supported():
         kwargs["rollout_engine"] = task["engine"]
     elif task["engine"] != "hf":
@@ -328,16 +333,19 @@ def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
     module = PPOModule(**kwargs)
     never_id = task["never_id"]
 
-    # prompt batches: each prompt repeated C times in a row (TRL's RepeatSampler orders a step's rows the same way)
+    # prompt batches: each prompt repeated C times in a row (TRL's RepeatSampler orders a step's rows the same way);
+    # our GRPO gets the P prompts once and samples C responses per prompt itself (its rows come out in that order)
     batches = []
+    repeat = 1 if grpo else C
     for it in range(n_iter):
-        idx = [i for i in range(it * P, (it + 1) * P) for _ in range(C)]
+        idx = [i for i in range(it * P, (it + 1) * P) for _ in range(repeat)]
         batches.append(PromptBatch(
             input_ids=torch.tensor([prompts[i] for i in idx], dtype=torch.long),
-            attention_mask=torch.ones((B, len(prompts[0])), dtype=torch.long),
-            domain_ids=torch.zeros(B, dtype=torch.long),
-            prompt_ids=[prompt_key(i) for i in idx], prompts=[prompt_key(i) for i in idx], domains=[""] * B,
+            attention_mask=torch.ones((len(idx), len(prompts[0])), dtype=torch.long),
+            domain_ids=torch.zeros(len(idx), dtype=torch.long),
+            prompt_ids=[prompt_key(i) for i in idx], prompts=[prompt_key(i) for i in idx], domains=[""] * len(idx),
         ))
+    rows_per_batch_row = C // repeat  # rollouts per prompt row of a batch
 
     class IterationTimer(L.Callback):
         """Forces full-length responses and records each iteration's wall time, phase times and generated tokens."""
@@ -367,10 +375,11 @@ def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
             _sync(device)
             total = time.perf_counter() - self._t0
             out = {k: float(v) for k, v in outputs.items()}
+            rollout_rows = batch.input_ids.repeat_interleave(rows_per_batch_row, dim=0)  # (B, P) as sampled
             row = {"generate": out["time/generate"], "score": out["time/score"], "update": out["time/update"],
-                   "total": total, "gen_tokens": round(out["response/length"] * len(batch)),
-                   "prompt_tokens": int(batch.attention_mask.sum()),
-                   "prompt_digest": prompts_digest(batch.input_ids.tolist())}
+                   "total": total, "gen_tokens": round(out["response/length"] * len(rollout_rows)),
+                   "prompt_tokens": int(batch.attention_mask.sum()) * rows_per_batch_row,
+                   "prompt_digest": prompts_digest(rollout_rows.tolist())}
             row["other"] = total - row["generate"] - row["score"] - row["update"]
             # tokens the update ran through (non-pad prompt + response, every epoch): PPOModule's own count when it
             # logs one (tokens_per_s/update x time/update), else (prompt + generated tokens) x ppo_epochs
@@ -394,7 +403,7 @@ def run_ours(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
     trained = {"policy": flop_params(module.policy)}
     if module.critic is not None:
         trained["critic"] = flop_params(getattr(module.critic, "hf_model", module.critic))
-    else:
+    elif module.value_head is not None:
         trained["value_head"] = flop_params(module.value_head)
     return {"rows": timer.rows, "optimizer_steps": trainer.global_step,
             "peak_mem_gib": peak_memory_gib(device), "generator": type(module.generator).__name__,
@@ -483,6 +492,8 @@ def run_trl(task: dict[str, Any], prompts: list[list[int]]) -> dict[str, Any]:
             gradient_accumulation_steps=P * C // micro, generation_batch_size=P * C,
             num_generations=C, num_iterations=1, max_completion_length=N,
             generation_kwargs={"min_new_tokens": N}, beta=KL_BETA, epsilon=CLIP_EPS, temperature=1.0, top_p=1.0,
+            loss_type={"token_mean": "dapo", "seq_mean_token_mean": "grpo"}[task.get("loss_agg", "token_mean")],
+            scale_rewards="group",
             top_k=0, use_vllm=False, learning_rate=task["lr"], lr_scheduler_type="constant", warmup_steps=0,
             optim="adamw_torch", adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
             weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
@@ -649,9 +660,14 @@ def load_average() -> float | None:
         return None
 
 
+#: the first caveat, by our side's method (--ours)
+CRITIC_CAVEAT = {
+    "ppo": "PPO trains a critic (here a separate value model: one more forward while scoring, one more forward + "
+           "backward in the update); GRPO has none (group-relative advantages).",
+    "grpo": "Both sides run GRPO with no critic: same group-std advantages, k3 KL loss with the same beta, the same "
+            "loss aggregation; ours computes its advantages in 'other', TRL in 'score'.",
+}
 CAVEATS = (
-    "PPO trains a critic (here a separate value model: one more forward while scoring, one more forward + backward "
-    "in the update); GRPO has none (group-relative advantages).",
     "Our score phase also recomputes the policy's old log-probs (unless --ppo-set makes PPOModule reuse the "
     "sampler's); TRL skips that pass when generation and optimization are aligned (num_iterations=1, one "
     "optimizer step per generation batch) and takes the detached current log-probs.",
@@ -738,12 +754,15 @@ def format_table(head: dict[str, Any], bw: dict[str, Any], floor: dict[str, floa
         f"(forced, no early EOS) | warm-up {s['warmup']}, timed {s['iters']} | lr {s['lr']}",
         f"# ours: PPOModule, generator {ours.get('generator', '?')}"
         + (f" (rollout_engine={s['engine']})" if s["engine_passed"] else " (no rollout_engine argument)")
-        + f", critic {s['critic']}, ppo_epochs 1, 1 mini-batch of {B}"
+        + (f", GRPO (advantage grpo, critic none, {s['completions']} samples per prompt, group std, k3 KL loss "
+           f"beta {KL_BETA}, loss_agg {s['loss_agg']})" if s.get("ours") == "grpo" else f", critic {s['critic']}")
+        + f", ppo_epochs 1, 1 mini-batch of {B}"
         + (f" in micro-batches of {s['micro_batch']}" if s["micro_batch"] else "")
         + (f", {s['ppo_set']}" if s["ppo_set"] else "")
         + f" | TRL: GRPOTrainer, num_generations {s['completions']}, batch {B}"
         + (f" = {B // s['micro_batch']} accumulated micro-batches of {s['micro_batch']}" if s["micro_batch"] else "")
-        + f", beta {KL_BETA}, no vLLM",
+        + f", beta {KL_BETA}, loss_type {'grpo' if s.get('loss_agg') == 'seq_mean_token_mean' else 'dapo'}, "
+        + "scale_rewards group, no vLLM",
         mfu_header(records, bw),
     ]
     cols = ["side", "iters timed", "generate s", "score s", "update s", "other s", "total s", "gen tokens",
@@ -778,6 +797,7 @@ def format_table(head: dict[str, Any], bw: dict[str, Any], floor: dict[str, floa
         f"{floor['floor_s']:.4f} s per generate phase (with KV-cache reads: {floor['floor_kv_s']:.4f} s); "
         "% of floor = floor / generate s",
         "# caveats:",
+        f"#  - {CRITIC_CAVEAT[s.get('ours', 'ppo')]}",
         *(f"#  - {c}" for c in CAVEATS),
     ]
     return "\n".join(lines)
@@ -808,6 +828,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our rollout engine, passed as PPOModule(rollout_engine=...) when PPOModule accepts it: "
                         "hf (transformers generate) or static")
     p.add_argument("--critic", choices=("separate", "shared"), default="separate", help="our PPO critic")
+    p.add_argument("--ours", choices=("ppo", "grpo"), default="ppo",
+                   help="our side: PPO with a critic (ppo), or our critic-free GRPO like for like with TRL's (grpo: "
+                        "advantage grpo, critic none, n_samples_per_prompt = --completions on unrepeated prompt "
+                        "batches, group-std scaling, the k3 KL as a loss term with TRL's beta, --loss-agg on both)")
+    p.add_argument("--loss-agg", choices=("token_mean", "seq_mean_token_mean"), default="token_mean",
+                   help="--ours grpo: loss aggregation; TRL's loss_type is set to match (dapo / grpo)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="rows per scoring / training forward (ours: micro_batch_size and rollout_micro_batch_size; "
                         "TRL: per_device_train_batch_size with gradient accumulation up to one optimizer step per "
@@ -888,6 +914,7 @@ def main(argv: list[str] | None = None) -> None:
               "prompts": args.prompts, "completions": args.completions, "new_tokens": args.new_tokens,
               "warmup": args.warmup, "iters": args.iters, "lr": args.lr, "seed": args.seed, "engine": args.engine,
               "critic": args.critic, "micro_batch": args.micro_batch, "ppo_set": args.ppo_set, "never_id": never_id,
+              "ours": args.ours, "loss_agg": args.loss_agg,
               "bandwidth_mib": args.bandwidth_mib, "matmul_n": args.matmul_n}
     raws: dict[str, tuple[dict[str, Any], float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_ppo_iteration_") as tmp:

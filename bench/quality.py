@@ -21,6 +21,10 @@ What it runs, each as a ``lightning.Trainer`` on our LightningModules (no CLI, n
    the mean raw score (``score/mean``) and the per-sequence KL to the reference (``kl``) that the module logs.
    The PPO settings are those of ``configs/ppo/tiny.yaml``: a separate critic (initialised from the reward model
    when there is one), 4 PPO epochs over 2 minibatches per iteration, ``norm_clip`` reward normalisation.
+   Each iteration's ``score/mean`` is over *new* prompts, so it mixes policy change with prompt difficulty; the
+   policy itself is measured by the module's validation pass (:mod:`lightning_rlhf.methods.online_eval`) on a fixed
+   set of ``--ppo-val-rows`` held-out prompts of ``--ppo-val-prompts`` (same domains), before the first and after
+   the last iteration, sampled with seeds fixed per prompt batch (``val/score``, ``val/kl``).
 
 Also printed, as context for the accuracies: ``longer wins``, the accuracy of preferring the longer response
 (response tokens as the models see them after truncation; ties count 1/2). It needs no model.
@@ -86,6 +90,9 @@ class PPOResult:
     kl_token: list[float] = field(default_factory=list)
     response_length: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    #: held-out validation passes: ``(iteration, val/score, val/kl)`` before training and after the last iteration
+    val: list[tuple[int, float, float]] = field(default_factory=list)
+    val_prompts: int = 0
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
@@ -259,14 +266,32 @@ def run_ppo(args: argparse.Namespace, root: Path, reward_model: str | None, doma
                        micro_batch_size=args.ppo_batch_size // 2, max_new_tokens=args.ppo_max_new_tokens,
                        reward_norm="norm_clip", max_iterations=args.ppo_iterations, log_samples_every_n=0,
                        seed=args.seed, export_dir=None, **reward)
-    dm = PromptDataModule(train_path=args.prompts, val_fraction=0.0, domains=domains, batch_size=args.ppo_batch_size,
+    val_path = args.ppo_val_prompts
+    if val_path == BUILTIN_DATA:
+        from lightning_rlhf.data.sources import resolve_builtin
+
+        val_path = resolve_builtin(BUILTIN_DATA, "prompts", "test")
+    dm = PromptDataModule(train_path=args.prompts, val_path=val_path, val_fraction=0.0, domains=domains,
+                          batch_size=args.ppo_batch_size, val_batch_size=args.ppo_batch_size,
                           max_prompt_length=args.ppo_max_prompt_length, skip_invalid_rows=True,
-                          max_train_rows=args.ppo_iterations * args.ppo_batch_size, seed=args.seed)
+                          max_train_rows=args.ppo_iterations * args.ppo_batch_size, max_val_rows=args.ppo_val_rows,
+                          seed=args.seed)
     result = PPOResult(reward="reward model (RM export)" if reward_model else 'rule: count of "e" (TokenCountReward)',
                        prompts_per_iteration=args.ppo_batch_size)
+
+    def validate() -> None:
+        trainer = make_trainer(root, args)
+        metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        result.val.append((module.iteration, float(metrics["val/score"]), float(metrics["val/kl"])))
+        result.val_prompts = len(dm.val_dataset)
+
+    if args.ppo_val_rows:
+        validate()
     t0 = time.perf_counter()
     make_trainer(root, args, max_steps=-1, limit_val_batches=0, callbacks=[Record(result)]).fit(module, datamodule=dm)
     result.seconds = time.perf_counter() - t0
+    if args.ppo_val_rows:
+        validate()
     return result
 
 
@@ -314,6 +339,11 @@ def format_table(head: dict[str, Any], pairwise: list[PairwiseResult], ppo: PPOR
         table.append([f"ppo ({'RM' if ppo.reward.startswith('reward model') else 'rule'} reward)", "prompts: same domains",
                       str(len(ppo.score) * ppo.prompts_per_iteration), "",
                       f"{ppo.score[0]:.3f} -> {ppo.score[-1]:.3f}", f"{ppo.kl[-1]:.3f}"])
+    if ppo is not None and len(ppo.val) == 2:
+        (_, before, _), (_, after, kl_after) = ppo.val
+        table.append([f"ppo ({'RM' if ppo.reward.startswith('reward model') else 'rule'} reward)",
+                      "fixed held-out prompts", str(ppo.val_prompts), "", f"{before:.3f} -> {after:.3f}",
+                      f"{kl_after:.3f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     left = {0, 1}
     for row in table:
@@ -418,6 +448,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppo-lr", type=float, default=1e-2)
     p.add_argument("--ppo-critic-lr", type=float, default=1e-3)
     p.add_argument("--ppo-kl-coef", type=float, default=0.01)
+    p.add_argument("--ppo-val-prompts", default=str(SHARED / "prompts_test.jsonl.gz") if shared else BUILTIN_DATA,
+                   help="held-out prompt file of PPO's validation passes (builtin:hh-rlhf: its test split)")
+    p.add_argument("--ppo-val-rows", type=int, default=128,
+                   help="fixed held-out prompts scored before and after PPO (0: no validation pass)")
     p.add_argument("--skip", nargs="+", choices=("rm", "dpo", "ppo"), default=[], help="methods not to run")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
@@ -485,8 +519,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit("--ppo-reward rm needs the reward model run (do not --skip rm), or use --ppo-reward rule")
             domains = args.domains if args.domains else (None if args.prompts == BUILTIN_DATA else dm.domain_names)
             ppo = run_ppo(args, root, rm_export if args.ppo_reward == "rm" else None, domains)
-            print(f"ppo: score {ppo.score[0]:.3f} -> {ppo.score[-1]:.3f} ({ppo.seconds:.0f} s)", file=sys.stderr,
-                  flush=True)
+            print(f"ppo: score {ppo.score[0]:.3f} -> {ppo.score[-1]:.3f}, held-out {ppo.val} ({ppo.seconds:.0f} s)",
+                  file=sys.stderr, flush=True)
     head["wall_s"] = time.perf_counter() - start
     end_state = git_state()
     if end_state != head["git"]:

@@ -186,3 +186,107 @@ def explained_variance(
     var_residual = masked_var(returns - values, mask, unbiased=False, reduce_fn=reduce_fn)
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns > 0, 1.0 - var_residual / var_returns.clamp_min(_EPS), nan)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critic-free estimators (GRPO, RLOO, REINFORCE++). Sequence-level estimators take one return per rollout, with the
+# ``k`` rollouts of one prompt in adjacent rows (row ``b * k + j`` is sample ``j`` of prompt ``b``; a rank's batch
+# always holds whole groups), and give one advantage per rollout, which the caller spreads over its response tokens.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _groups(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(B,)`` -> ``(B / k, k)``, checking that ``B`` is a multiple of ``k``."""
+    if group_size < 1 or returns.shape[0] % group_size != 0:
+        raise ValueError(f"{returns.shape[0]} rollouts do not split into groups of {group_size} (one group = the "
+                         "n_samples_per_prompt rollouts of one prompt)")
+    return returns.reshape(-1, group_size)
+
+
+def grpo_advantages(
+    returns: torch.Tensor,
+    group_size: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    reduce_fn: Optional[ReduceFn] = None,
+) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, outcome supervision).
+
+    ``A_i = (R_i - mean_{j in g(i)} R_j) / (s + eps)`` where ``s`` is, by ``scale_rewards``:
+
+    - ``group``: the standard deviation of the rollout's own group (unbiased, as ``torch.std``): the paper's form;
+    - ``batch``: the standard deviation of all returns of the batch (all ranks, unbiased);
+    - ``none``: 1 and no ``eps`` (Dr. GRPO, Liu et al. 2025: the plain REINFORCE-with-group-baseline advantage).
+
+    Args:
+        returns: ``(B,)`` sequence returns ``R_i``, the ``k`` rollouts of a prompt adjacent.
+        group_size: ``k`` (>= 2 for a non-trivial baseline).
+        scale_rewards: ``group`` | ``batch`` | ``none``.
+        eps: added to the scale (``group`` / ``batch``).
+        reduce_fn: sums partial sums across ranks (``batch`` scaling only).
+
+    Returns:
+        ``(B,)`` advantages, detached.
+    """
+    returns = returns.detach()
+    grouped = _groups(returns, group_size)  # (G, k)
+    centred = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)  # (B,)
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = grouped.std(-1, keepdim=True).expand_as(grouped).reshape(-1)  # (B,)
+    elif scale_rewards == "batch":
+        x = returns.double()
+        sums = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
+                                                                   device=x.device)])
+        if reduce_fn is not None:
+            sums = reduce_fn(sums)
+        n = sums[2]
+        var = (sums[1] - sums[0] ** 2 / n) / (n - 1).clamp_min(1)
+        std = var.clamp_min(0).sqrt().to(returns.dtype)
+    else:
+        raise ValueError(f"scale_rewards must be group | batch | none, got {scale_rewards!r}")
+    return centred / (std + eps)
+
+
+def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's leave-one-out advantage (Ahmadian et al. 2024, after Kool et al. 2019).
+
+    ``A_i = R_i - 1/(k-1) * sum_{j in g(i), j != i} R_j  =  k/(k-1) * (R_i - mean_{j in g(i)} R_j)``.
+
+    Args:
+        returns: ``(B,)`` sequence returns, the ``k`` rollouts of a prompt adjacent.
+        group_size: ``k >= 2``.
+
+    Returns:
+        ``(B,)`` advantages, detached.
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt (n_samples_per_prompt >= 2)")
+    grouped = _groups(returns.detach(), group_size)  # (G, k)
+    others = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # (G, k) mean of the other k-1
+    return (grouped - others).reshape(-1)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, action_mask: torch.Tensor, reduce_fn: Optional[ReduceFn] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): undiscounted returns-to-go of token rewards (score at the last token, the token-level
+    KL penalty ``-beta * kl_t`` in every token's reward), normalised over the whole batch.
+
+    ``G_t = sum_{s >= t} r_s``, ``A_t = (G_t - mean(G)) / std(G)`` with the mean and std over all response tokens of
+    the batch (all ranks).
+
+    Args:
+        rewards: ``(B, T)`` token rewards.
+        action_mask: ``(B, T)`` response-token mask (a prefix per row).
+        reduce_fn: sums partial sums across ranks.
+
+    Returns:
+        ``(advantages, returns)``: the normalised advantages and the raw returns-to-go, both ``(B, T)``, 0 off the
+        mask.
+    """
+    mask = action_mask.to(rewards.dtype)
+    r = rewards.detach() * mask
+    returns = r.flip(-1).cumsum(-1).flip(-1) * mask  # (B, T) sum_{s >= t} r_s
+    return masked_whiten(returns, action_mask, reduce_fn=reduce_fn), returns

@@ -4,22 +4,83 @@ Two kinds:
 
 * :class:`ModelReward`: a reward model (a folder exported by ``RewardModelModule``, or any Hugging Face
   sequence-classification model with one label), scoring token ids, micro-batched, without gradients.
-  When its tokenizer differs from the policy's, the decoded prompt + response text is re-tokenised.
+  When its tokenizer differs from the policy's, the prompt text and the decoded response are encoded on the reward
+  model's tokenizer exactly as :class:`~lightning_rlhf.data.PreferenceDataModule` encodes a training pair (chat
+  template on the prompt when the tokenizer has one, response + EOS, :func:`~lightning_rlhf.data.modules.truncate_pair`),
+  so the score is read at the token it was trained on.
 * :class:`FunctionReward`: a Python reward function on decoded text (rule-based rewards), e.g.
   :class:`TokenCountReward`. From a config it is given by class path::
 
       reward_fn:
         class_path: lightning_rlhf.rewards.TokenCountReward
         init_args: {token: "e"}
+
+Non-finite scores (NaN, inf) are caught where they enter, right after the source: :func:`check_scores` counts them,
+names the rows (and their prompt ids) and the source, and either returns the mask of finite rows (the PPO update
+then drops the others) or raises :class:`NonFiniteRewardError` naming the source.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
+
+log = logging.getLogger(__name__)
+
+NonFiniteRewardPolicy = Literal["drop", "fail"]
+
+
+class NonFiniteRewardError(FloatingPointError):
+    """A reward source returned NaN or inf. The message names the source, the rows and their prompt ids."""
+
+
+def describe_reward_source(source: Any) -> str:
+    """How messages name a reward source: its ``name`` attribute (set by :func:`build_reward_source`) or its class."""
+    return str(getattr(source, "name", None) or type(source).__name__)
+
+
+def check_scores(
+    scores: torch.Tensor,
+    source: str,
+    on_nonfinite: NonFiniteRewardPolicy = "drop",
+    prompt_ids: Optional[Sequence[Any]] = None,
+    where: str = "",
+) -> torch.Tensor:
+    """Find the non-finite entries of a batch of reward scores, report them, and fail or hand back what to keep.
+
+    Args:
+        scores: ``(B,)`` scores from a reward source.
+        source: The source's name for messages (:func:`describe_reward_source`).
+        on_nonfinite: ``drop``: log a warning naming the rows and return the finite-row mask; ``fail``: raise.
+        prompt_ids: ``B`` prompt ids, named next to the rows.
+        where: Context for the message, e.g. ``"iteration 3, rank 0"``.
+
+    Returns:
+        ``(B,)`` bool mask, True on rows with a finite score.
+
+    Raises:
+        NonFiniteRewardError: with ``on_nonfinite="fail"`` when any score is NaN or inf.
+    """
+    finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        return finite
+    rows = (~finite).nonzero().flatten().tolist()
+    values = scores.detach().float().cpu().tolist()
+    shown = ", ".join(
+        f"row {i}" + (f" (prompt id {prompt_ids[i]})" if prompt_ids is not None and i < len(prompt_ids) else "")
+        + f": {values[i]}" for i in rows[:8]
+    ) + (f", ... ({len(rows) - 8} more)" if len(rows) > 8 else "")
+    message = (f"Reward source {source} returned {len(rows)} non-finite score(s) of {len(values)}"
+               + (f" ({where})" if where else "") + f": {shown}.")
+    if on_nonfinite == "fail":
+        raise NonFiniteRewardError(f"{message} Stopping because model.on_nonfinite_reward=fail; fix the reward source, "
+                                   "or set model.on_nonfinite_reward: drop to leave such samples out of the update.")
+    log.warning("%s Dropped from the update (model.on_nonfinite_reward=drop).", message)
+    return finite
 
 
 @dataclass
@@ -128,6 +189,7 @@ class FunctionReward:
     """
 
     needs_text = True
+    name = "model.reward_fn"
 
     def __init__(self, fn: Union[RewardFunction, dict[str, Any], Any]) -> None:
         self.fn = instantiate_class_path(fn)
@@ -151,12 +213,20 @@ class FunctionReward:
 class ModelReward:
     """A :class:`RewardSource` around a frozen scalar-head reward model (``ScalarHeadModel``).
 
+    With the policy's tokenizer the rollout ids are scored as they are. With another ``tokenizer`` (an off-the-shelf
+    reward model) each row is re-encoded as ``PreferenceDataModule`` encodes a training pair on that tokenizer:
+    the prompt text through the chat template (when the tokenizer has one, or as ``apply_chat_template`` says), the
+    decoded response followed by the EOS id (only where the policy's response ended with EOS: a response cut at
+    ``max_new_tokens`` is scored without one, as on the shared-tokenizer path), ``truncate_pair`` to ``max_length``,
+    right-padded with the reward tokenizer's pad id.
+
     Args:
         model: callable ``model(input_ids, attention_mask) -> (B,)`` scores read at the last non-pad token.
         micro_batch_size: rows per forward pass; ``None`` = the whole batch.
-        tokenizer: the reward model's tokenizer, only when it differs from the policy's (then texts are
-            re-tokenised, right-padded, up to ``max_length`` tokens).
-        max_length: truncation length for re-tokenised inputs.
+        tokenizer: the reward model's tokenizer, only when it differs from the policy's.
+        max_length: truncation length of re-encoded pairs (``truncate_pair``: the prompt loses its start first).
+        apply_chat_template: wrap re-encoded prompts in the reward tokenizer's chat template; ``None`` = when it has
+            one (``PreferenceDataModule``'s default). Set it as the reward model's training data was encoded.
     """
 
     def __init__(
@@ -165,25 +235,49 @@ class ModelReward:
         micro_batch_size: Optional[int] = None,
         tokenizer: Any = None,
         max_length: int = 2048,
+        apply_chat_template: Optional[bool] = None,
     ) -> None:
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.needs_text = tokenizer is not None
+        self.name = "reward model"
+        self.encoder = None
+        if tokenizer is not None:
+            from lightning_rlhf.data.modules import _Encoder
+
+            self.encoder = _Encoder(tokenizer, max_length, max_length, apply_chat_template)
+
+    def encode(self, inp: RewardInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` ``(B, T)`` the reward model scores (right-padded when re-encoded)."""
+        if self.encoder is None:
+            return inp.sequences, inp.attention_mask
+        from lightning_rlhf.data.batches import pad_sequences
+        from lightning_rlhf.data.modules import truncate_pair
+
+        B = inp.sequences.shape[0]
+        if len(inp.prompts) != B or len(inp.responses) != B:
+            raise ValueError(f"ModelReward: a reward model with its own tokenizer needs {B} prompt and response texts, "
+                             f"got {len(inp.prompts)} and {len(inp.responses)}")
+        stopped = inp.extras.get("stopped_by_eos")
+        ended = [True] * B if stopped is None else [bool(x) for x in torch.as_tensor(stopped).reshape(-1).tolist()]
+        prompts = self.encoder.prompts(inp.prompts)
+        responses = self.encoder.responses(inp.responses)  # each ends with the EOS id
+        seqs = []
+        for p, r, eos in zip(prompts, responses, ended):
+            p, r = truncate_pair(p, r if eos else r[:-1], self.max_length)
+            seqs.append(p + r)
+        pad = self.tokenizer.pad_token_id
+        device = inp.sequences.device
+        input_ids = pad_sequences(seqs, pad, "right").to(device)
+        attention_mask = pad_sequences([[1] * len(x) for x in seqs], 0, "right").to(device)
+        return input_ids, attention_mask
 
     @torch.no_grad()
     def __call__(self, inp: RewardInput) -> torch.Tensor:
         """Score ``prompt + response`` (up to and including EOS) of every row."""
-        if self.tokenizer is not None:
-            enc = self.tokenizer(
-                [p + r for p, r in zip(inp.prompts, inp.responses)],
-                return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
-            )
-            input_ids = enc["input_ids"].to(inp.sequences.device)
-            attention_mask = enc["attention_mask"].to(inp.sequences.device)
-        else:
-            input_ids, attention_mask = inp.sequences, inp.attention_mask
+        input_ids, attention_mask = self.encode(inp)
         B = input_ids.shape[0]
         size = self.micro_batch_size or B
         was_training = self.model.training
@@ -202,16 +296,21 @@ def build_reward_source(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     micro_batch_size: Optional[int] = None,
+    max_length: int = 2048,
+    apply_chat_template: Optional[bool] = None,
 ) -> tuple[RewardSource, Optional[torch.nn.Module]]:
     """The reward source of an online-RL module, from exactly one of a reward-model path and a ``reward_fn`` spec.
 
     Args:
-        tokenizer: The policy's tokenizer (a reward model with another vocabulary gets re-tokenised text).
+        tokenizer: The policy's tokenizer (a reward model with another vocabulary gets its pairs re-encoded, see
+            :class:`ModelReward`).
         reward_model_name_or_path: Reward-model folder or hub id (``AutoModelForSequenceClassification``, one label).
         reward_fn: ``{class_path, init_args}`` of a :class:`RewardFunction`.
         dtype: Parameter dtype of the reward model.
         trust_remote_code: Allow repository code (off by default).
         micro_batch_size: Rows per reward-model forward pass.
+        max_length: Truncation length of re-encoded pairs (reward model with its own tokenizer).
+        apply_chat_template: Chat template on re-encoded prompts; ``None`` = when the reward tokenizer has one.
 
     Returns:
         ``(source, reward_model)``; ``reward_model`` is the frozen model (``None`` for a function).
@@ -219,15 +318,20 @@ def build_reward_source(
     if (reward_model_name_or_path is None) == (reward_fn is None):
         raise ValueError("exactly one reward source is needed: set model.reward_model_name_or_path OR model.reward_fn")
     if reward_model_name_or_path is None:
-        return FunctionReward(reward_fn), None
+        source = FunctionReward(reward_fn)
+        source.name = f"model.reward_fn ({type(source.fn).__module__}.{type(source.fn).__qualname__})"
+        return source, None
     from lightning_rlhf.models.factory import load_tokenizer
     from lightning_rlhf.models.value import load_scalar_model
 
-    reward_model = load_scalar_model(
-        reward_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, pad_token_id=tokenizer.pad_token_id
-    )
-    reward_model.requires_grad_(False).eval()
     rm_tokenizer = load_tokenizer(reward_model_name_or_path, trust_remote_code=trust_remote_code)
     same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    source = ModelReward(reward_model, micro_batch_size=micro_batch_size, tokenizer=None if same_vocab else rm_tokenizer)
+    reward_model = load_scalar_model(
+        reward_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+        pad_token_id=tokenizer.pad_token_id if same_vocab else rm_tokenizer.pad_token_id,
+    )
+    reward_model.requires_grad_(False).eval()
+    source = ModelReward(reward_model, micro_batch_size=micro_batch_size, tokenizer=None if same_vocab else rm_tokenizer,
+                         max_length=max_length, apply_chat_template=apply_chat_template)
+    source.name = f"model.reward_model_name_or_path ({reward_model_name_or_path})"
     return source, reward_model

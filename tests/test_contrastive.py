@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -376,6 +375,7 @@ def test_two_ranks_write_one_file_equal_to_one_rank(in_tmp):
     """2 processes (DDP, gloo): each rank samples its share into its own part file; rank 0 merges one file that is
     byte-identical to the single-process pass."""
     from lightning_rlhf.cli import main
+    from tests.distributed import run_distributed
 
     config = str(REPO / "configs/contrastive/baseline.yaml")
     common = ["--data.init_args.max_train_rows=16", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
@@ -384,7 +384,7 @@ def test_two_ranks_write_one_file_equal_to_one_rank(in_tmp):
            "--trainer.devices=2", f"--model.init_args.output_path={in_tmp / 'two.jsonl'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=in_tmp, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_distributed(cmd, cwd=in_tmp, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     parts = sorted((in_tmp / "two.jsonl.parts").glob("rank*.jsonl"))
     assert [p.name for p in parts] == ["rank00000.jsonl", "rank00001.jsonl"] and all(read_part_file(p) for p in parts)

@@ -5,7 +5,6 @@ the local batch size (DDP's gradient average over equal halves is then the full-
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lightning_rlhf.cli import main
 from lightning_rlhf.data.resumable import ResumableSampler
 from lightning_rlhf.models.factory import resolve_pretrained
 from lightning_rlhf.rollout.generation import GenerationOutput, truncate_at_eos
+from tests.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -80,7 +80,7 @@ def test_two_ddp_processes_match_one_process_with_the_whole_batch(method, in_tmp
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
         f"--data.batch_size={GLOBAL_BATCH // 2}", f"--model.export_dir={in_tmp / 'ddp'}",
     ]
-    proc = subprocess.run(cmd, cwd=in_tmp, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = run_distributed(cmd, cwd=in_tmp, env=subprocess_env(), timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Starting with 2 processes" in out, out[-4000:]
@@ -96,17 +96,18 @@ class FixedResponses:
     """A deterministic stand-in for sampling: each prompt's response is its last real tokens reversed, cut by an
     EOS at a prompt-dependent position (so responses, and the ranks' token counts, have different lengths)."""
 
-    def __init__(self, eos_token_id: int, pad_token_id: int, max_new_tokens: int = 8) -> None:
-        self.eos, self.pad, self.R = eos_token_id, pad_token_id, max_new_tokens
+    def __init__(self, eos_token_id: int, pad_token_id: int, max_new_tokens: int = 8, group_size: int = 1) -> None:
+        self.eos, self.pad, self.R, self.k = eos_token_id, pad_token_id, max_new_tokens, group_size
 
     def generate(self, model, input_ids, attention_mask, seed=None) -> GenerationOutput:
         rows = []
-        for ids, mask in zip(input_ids, attention_mask):
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             real = ids[mask.bool()]
             resp = torch.full((self.R,), 5, dtype=ids.dtype)
             tail = real.flip(0)[: self.R]
             resp[: len(tail)] = tail
-            stop = 2 + int(real.sum()) % (self.R - 1)  # 2..R: R means no EOS
+            # sample j of a prompt's group (rows b*k + j) ends elsewhere: the samples of a group differ
+            stop = 2 + (int(real.sum()) + 3 * (row % self.k)) % (self.R - 1)  # 2..R: R means no EOS
             if stop < self.R:
                 resp[stop] = self.eos
             rows.append(resp)
@@ -118,21 +119,30 @@ class FixedResponses:
         )
 
 
-def run_fixed_experience_ppo(out: str, devices: int, batch_size: int) -> None:
+#: the critic-free variant: GRPO with batch-std scaling (a cross-rank statistic), the k3 KL as a loss term and
+#: per-sequence token means (cross-rank sequence counts), 2 samples per prompt
+GRPO = dict(critic="none", advantage="grpo", n_samples_per_prompt=2, scale_rewards="batch", kl_in="loss",
+            kl_loss_coef=0.1, loss_agg="seq_mean_token_mean")
+
+
+def run_fixed_experience_ppo(out: str, devices: int, batch_size: int, variant: str = "ppo") -> None:
     """Two PPO iterations on fixed responses (per-rank batch ``batch_size``): whole-batch minibatches, 2 epochs,
-    micro-batches of 2, adaptive KL; saves trainable parameters and the cross-rank statistics to ``out``."""
+    micro-batches of 2, adaptive KL; saves trainable parameters and the cross-rank statistics to ``out``.
+    ``variant``: ``ppo`` (separate critic, GAE) or ``grpo`` (:data:`GRPO`)."""
     from callbacks.adaptive_kl import AdaptiveKLController
     from lightning_rlhf.data import PromptDataModule
     from lightning_rlhf.methods.ppo import PPOModule
 
     L.seed_everything(0)
+    options = GRPO if variant == "grpo" else {"critic": "separate"}
     module = PPOModule(
-        model_name_or_path="builtin:tiny-llama", critic="separate", lr=1e-3, critic_lr=1e-3, kl_coef=0.05,
+        model_name_or_path="builtin:tiny-llama", lr=1e-3, critic_lr=1e-3, kl_coef=0.05,
         reward_fn={"class_path": "lightning_rlhf.rewards.TokenCountReward", "init_args": {"token": "e"}},
         ppo_epochs=2, mini_batch_size=None, micro_batch_size=2, max_new_tokens=8, reward_norm="norm",
-        max_iterations=2, log_samples_every_n=0, export_dir=None,
+        max_iterations=2, log_samples_every_n=0, export_dir=None, **options,
     )
-    module.generator = FixedResponses(module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
+    module.generator = FixedResponses(module.tokenizer.eos_token_id, module.tokenizer.pad_token_id,
+                                      group_size=module.n_samples_per_prompt)
     module.configure_model()
     init = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     data = PromptDataModule(train_path="builtin:hh-rlhf", batch_size=batch_size, max_prompt_length=48,
@@ -152,14 +162,14 @@ def run_fixed_experience_ppo(out: str, devices: int, batch_size: int) -> None:
         torch.save({"params": params, "init": init, "stats": stats}, out)
 
 
-def test_ppo_iterations_on_fixed_responses_match_between_two_ranks_and_one(in_tmp):
+@pytest.mark.parametrize("variant", ["ppo", "grpo"])
+def test_ppo_iterations_on_fixed_responses_match_between_two_ranks_and_one(in_tmp, variant):
     """Same prompts, same (fixed) responses: the scoring, the cross-rank statistics (reward moments, advantage
-    whitening, the KL the controller reads) and the update give 2 ranks x 4 prompts the parameters of 1 x 8."""
-    run_fixed_experience_ppo(str(in_tmp / "single.pt"), devices=1, batch_size=8)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_ddp", str(in_tmp / "ddp.pt"), "2", "4"], cwd=in_tmp, env=subprocess_env(),
-        capture_output=True, text=True, timeout=600,
-    )
+    whitening or GRPO's batch std, the KL the controller reads, token / sequence counts of the loss) and the update
+    give 2 ranks x 4 prompts the parameters of 1 x 8. A prompt's group of samples never spans two ranks."""
+    run_fixed_experience_ppo(str(in_tmp / "single.pt"), devices=1, batch_size=8, variant=variant)
+    proc = run_distributed([sys.executable, "-m", "tests.test_ddp", str(in_tmp / "ddp.pt"), "2", "4", variant],
+                           cwd=in_tmp, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     single, ddp = torch.load(in_tmp / "single.pt"), torch.load(in_tmp / "ddp.pt")
     assert ddp["stats"]["world_size"] == 2 and single["stats"]["world_size"] == 1
@@ -172,4 +182,4 @@ def test_ppo_iterations_on_fixed_responses_match_between_two_ranks_and_one(in_tm
 
 if __name__ == "__main__":  # the 2-process half of the PPO test (Lightning relaunches this module for rank 1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_fixed_experience_ppo(sys.argv[1], devices=int(sys.argv[2]), batch_size=int(sys.argv[3]))
+    run_fixed_experience_ppo(sys.argv[1], devices=int(sys.argv[2]), batch_size=int(sys.argv[3]), variant=sys.argv[4])

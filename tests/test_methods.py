@@ -126,11 +126,15 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path):
         module = RewardModelModule(lr=1e-3, export_dir=None, micro_batch_size=micro)
         dm = _dm(PreferenceDataModule, module)
         module.configure_model()
+        module.double()  # float64: summation-order rounding stays ~1e-16 relative, even through Adam
         _trainer(tmp_path, 1).fit(module, datamodule=dm)
         results.append(_params(module))
-    # equal up to float summation order (Adam's g / sqrt(v) amplifies it slightly for tiny gradients)
+    # Adam's first step is lr * g / (|g| + eps): on an element whose gradient nearly cancels, float32 rounding of a
+    # different summation order moved it by 1.4e-5 (1.4% of lr) on one machine. In float64 the two orders agree to
+    # ~1e-14 here; a wrong accumulation (e.g. a missing 1/n) would differ by ~lr = 1e-3.
     for n, p in results[0].items():
-        torch.testing.assert_close(p, results[1][n], atol=1e-5, rtol=1e-4)
+        assert p.dtype == torch.float64, n
+        torch.testing.assert_close(p, results[1][n], atol=1e-10, rtol=0)
 
 
 def test_train_metrics_reach_the_logger_as_if_logged_every_step(tmp_path, monkeypatch):

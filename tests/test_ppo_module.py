@@ -281,15 +281,16 @@ def test_ddp_two_cpu_ranks_stay_in_sync(tmp_path, critic):
     """2 gloo ranks, critic warm-up then PPO: parameters and the adaptive kl_coef are identical on both ranks."""
     import json
     import os
-    import subprocess
     import sys
+
+    from tests.distributed import run_distributed
 
     script = tmp_path / "ppo_ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(script), str(out), critic], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # 600 s like the other 2-process tests (300 s was within reach on a busy 2-core machine); a fresh port per run
+    proc = run_distributed([sys.executable, str(script), str(out), critic], cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["iteration"] == 2 and result["param_spread"] == 0.0

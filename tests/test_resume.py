@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from lightning_rlhf.cli import main
 from lightning_rlhf.data.resumable import ResumableSampler
+from tests.distributed import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,20 +42,28 @@ class StepRecorder(L.Callback):
         signal_name: ``SIGKILL`` (a crash) or ``SIGTERM`` (a preemption notice).
         metrics: Logged metrics to record.
         attributes: Module attributes to record (numbers or 0-d tensors).
+        signal_marker: When set, signal only if this file does not exist yet, and create it first: the resumed run
+            can then be started with exactly the interrupted run's command line.
     """
 
     def __init__(self, path: str, signal_at_iteration: int = -1, signal_name: str = "SIGKILL",
-                 metrics: list[str] | None = None, attributes: list[str] | None = None) -> None:
+                 metrics: list[str] | None = None, attributes: list[str] | None = None,
+                 signal_marker: str | None = None) -> None:
         self.path = path
         self.signal_at_iteration = signal_at_iteration
         self.signal_name = signal_name
         self.metrics = metrics or ["train/loss", "train/lr"]
         self.attributes = attributes or ["iteration"]
+        self.signal_marker = signal_marker
         self._signalled = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         if pl_module.iteration == self.signal_at_iteration and not self._signalled and trainer.is_global_zero:
             self._signalled = True
+            if self.signal_marker is not None:
+                if os.path.exists(self.signal_marker):
+                    return
+                open(self.signal_marker, "w").close()
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -115,8 +124,7 @@ def _cli_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # same CPU arithmetic as this process
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_distributed([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, timeout=600)
 
 
 def _assert_same_run(resumed: list[dict[str, Any]], reference: list[dict[str, Any]]) -> None:
@@ -276,3 +284,66 @@ def test_ppo_sigkill_then_resume_restores_moments_iteration_and_adaptive_kl(tmp_
     assert [r["attributes"][0] for r in records] == [1, 2, 3, 4]  # iterations 3 and 4 came from the resumed run
     _assert_same_run(records, _read(tmp_path / "ref.jsonl"))
     _assert_same_weights(tmp_path / "run_export", tmp_path / "ref_export")
+
+
+# ------------------------------------------------------------------ --ckpt_path last with the default logger
+def _default_logger_args(tmp: Path, steps: int, signal_at: int) -> list[str]:
+    """One command line for the killed and the resumed run: the config's TensorBoard logger (runs/sft_tiny/version_N),
+    Lightning's default checkpoint folder (<log dir>/checkpoints) with a checkpoint every step, the export in the log
+    folder (export_dir: auto), and a recorder that kills its process once (a marker file)."""
+    callbacks = [
+        {"class_path": "tests.test_resume.StepRecorder",
+         "init_args": {"path": str(tmp / "run.jsonl"), "signal_at_iteration": signal_at,
+                       "signal_marker": str(tmp / "killed")}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": 1, "save_last": True, "save_top_k": 0}},
+    ]
+    cfg = {"trainer": {"max_steps": steps, "limit_val_batches": 0, "enable_progress_bar": False,
+                       "log_every_n_steps": 1, "enable_model_summary": False, "callbacks": callbacks}}
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [*_base("sft"), "-c", str(path)]
+
+
+def test_ckpt_path_last_finds_the_runs_last_checkpoint_and_continues_in_its_folder(reference_runs, in_tmp, capsys):
+    _, steps, kill_after = CASES["sft"]
+    runs = in_tmp / "runs"
+    (runs / "sft_tiny" / "version_0").mkdir(parents=True)  # an earlier run of the same name without checkpoints
+    other = runs / "other_run" / "version_7" / "checkpoints"  # another run's (newer, broken) last.ckpt: not picked
+    args = _default_logger_args(in_tmp, steps, kill_after)
+    proc = _cli_subprocess(args, in_tmp)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_dir = runs / "sft_tiny" / "version_1"
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and len(_read(in_tmp / "run.jsonl")) == kill_after
+    other.mkdir(parents=True)
+    (other / "last.ckpt").write_bytes(b"not a checkpoint")
+
+    capsys.readouterr()
+    cli = main([*args, "--ckpt_path", "last"])  # exactly the same command plus --ckpt_path last
+    out = capsys.readouterr().out
+    resumed_from = run_dir / "checkpoints" / "last.ckpt"
+    assert [line for line in out.splitlines() if line.startswith("Resuming from")] == [
+        f"Resuming from {Path('runs/sft_tiny/version_1/checkpoints/last.ckpt')} (global step {kill_after}); "
+        f"logging into {Path('runs/sft_tiny/version_1')}"]
+    assert Path(cli.trainer.log_dir).resolve() == run_dir.resolve()  # the same run folder, no version_2
+    assert sorted(p.name for p in (runs / "sft_tiny").iterdir()) == ["version_0", "version_1"]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # both processes logged into it
+    assert resumed_from.exists() and cli.trainer.global_step == steps
+    records = _read(in_tmp / "run.jsonl")
+    assert records[kill_after]["step"] == kill_after + 1  # it resumed, it did not restart
+    _assert_same_run(records, _read(reference_runs["sft"] / "ref.jsonl"))
+    _assert_same_weights(run_dir / "export", reference_runs["sft"] / "ref_export")
+
+
+def test_ckpt_path_last_without_a_checkpoint_refuses_unless_asked_to_start_fresh(in_tmp, capsys):
+    from lightning_rlhf.cli import NothingToResumeError
+
+    args = [*_base("sft"), "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--model.export_dir=null",
+            "--trainer.logger.init_args.name=nothing_here"]
+    with pytest.raises(NothingToResumeError, match="no last.ckpt in .*nothing_here.*last_or_fresh"):
+        main([*args, "--ckpt_path=last"])
+    assert not (in_tmp / "runs" / "nothing_here").exists()  # failed before anything was created
+    capsys.readouterr()
+    cli = main([*args, "--ckpt_path=last_or_fresh"])
+    assert "nothing to resume. Starting a new run" in capsys.readouterr().out
+    assert cli.trainer.global_step == 1 and Path(cli.trainer.log_dir).name == "version_0"

@@ -108,10 +108,23 @@ class _TextDataModule(L.LightningDataModule):
         bucket_window: int = 32,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1 (examples per batch and rank), got {batch_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"data.val_batch_size must be >= 1 or null (= data.batch_size), got {val_batch_size}")
+        for flag, value in (("max_train_rows", max_train_rows), ("max_val_rows", max_val_rows)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{flag} must be >= 1 or null (all rows), got {value}")
+        if max_length < 1 or max_prompt_length < 1:
+            raise ValueError(f"data.max_length and data.max_prompt_length must be >= 1, got {max_length}, "
+                             f"{max_prompt_length}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if max_prompt_length >= max_length and self.kind != "prompts":
-            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length}).")
+            raise ValueError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
+                             f"({max_length}).")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.train_path = train_path
         self.val_path = val_path
         self.val_fraction = val_fraction

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,24 +81,45 @@ def _open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
+#: what a truncated or corrupt (gzip) file raises while it is read
+_UNREADABLE = (EOFError, OSError, zlib.error, UnicodeDecodeError)
+
+
+def _unreadable(path: str, error: BaseException, lines_read: int | None = None) -> DataValidationError:
+    where = f" after line {lines_read}" if lines_read is not None else ""
+    return DataValidationError(
+        f"{path}: cannot be read{where}: the file is truncated or corrupt ({type(error).__name__}: {error}). "
+        "Re-create or re-download it."
+    )
+
+
 def _iter_json_rows(path: str) -> Iterator[tuple[int, Any]]:
     """Yield ``(row_number, object)`` from a jsonl file (row number = line number) or a json array/object file."""
     stem = path[:-3] if path.endswith(".gz") else path
     if stem.endswith(".jsonl"):
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataValidationError(f"{path}: row {lineno} (line {lineno}) is not valid JSON: {e.msg}") from None
-        return
-    with _open_text(path) as f:
+        lineno = 0
         try:
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataValidationError(
+                            f"{path}: row {lineno} (line {lineno}) is not valid JSON: {e.msg}"
+                        ) from None
+                    yield lineno, row
+        except _UNREADABLE as e:  # a truncated .gz: EOFError / BadGzipFile in the middle of a line
+            raise _unreadable(path, e, lineno) from e
+        return
+    try:
+        with _open_text(path) as f:
             data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataValidationError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}") from None
+    except json.JSONDecodeError as e:
+        raise DataValidationError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}") from None
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
     if isinstance(data, dict):  # {"data": [...]} or column-oriented {"prompt": [...], ...}
         if len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))

@@ -110,12 +110,14 @@ def policy_loss(
     clip_eps: float = 0.2,
     normalizer: Optional[Union[torch.Tensor, float]] = None,
     sample_weights: Optional[torch.Tensor] = None,
+    clip_eps_high: Optional[float] = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate loss (spec 1.4 step 5).
 
     ``ratio = exp(logprobs - old_logprobs)``;
     ``L_pg = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``; with per-sample weights ``w_i``
     every token of row ``i`` is weighted by ``w_i`` (the normaliser stays the token count: weights of 1 change nothing).
+    With ``clip_eps_high`` the clip range is asymmetric, ``[1 - eps, 1 + eps_high]`` (DAPO's "clip-higher").
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy (with grad).
@@ -125,6 +127,7 @@ def policy_loss(
         clip_eps: ratio clip range ``eps``.
         normalizer: divide the masked sum by this instead of the number of masked tokens (see module doc).
         sample_weights: ``(B,)`` per-sample weights of the loss (e.g. a callback's ``sample_weight``); ``None`` = 1.
+        clip_eps_high: upper clip range; ``None`` = ``clip_eps``.
 
     Returns:
         :class:`PolicyLossOutput` (``per_sample_surrogate`` is unweighted).
@@ -133,7 +136,8 @@ def policy_loss(
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); 0 off-mask
     ratio = torch.exp(log_ratio)  # (B, T)
     surr = advantages * ratio  # (B, T)
-    surr_clipped = advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    surr_clipped = advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)  # (B, T)
     objective = torch.minimum(surr, surr_clipped)  # (B, T)
     if sample_weights is not None:
         weighted = objective * sample_weights.to(objective.dtype).unsqueeze(-1)  # (B, T)

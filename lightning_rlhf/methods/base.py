@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_rlhf.models.factory import DType, load_tokenizer
+from lightning_rlhf.models.factory import DType, check_model_path, load_tokenizer
 from lightning_rlhf.models.roles import OptimizerRole, Snapshot
 from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
@@ -75,7 +75,9 @@ class RLHFModule(L.LightningModule):
         trust_remote_code: Allow code from model repositories to run (off by default).
         attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); ``null`` = transformers' choice.
         export_dir: Where the trained model is saved as a plain Hugging Face folder at the end of ``fit``;
-            ``auto`` = ``<log dir>/export``; ``null`` disables export.
+            ``auto`` = ``<log dir>/export`` (each run's own version folder); ``null`` disables export. A folder given
+            by name that already holds an exported model is refused at start unless ``overwrite_export``.
+        overwrite_export: Allow ``export_dir`` to replace an earlier export.
         on_nonfinite: What to do when the loss or the gradient norm is NaN/inf on any rank: ``skip`` (drop the
             gradients, leave parameters and optimizer state unchanged, count it in ``train/nonfinite_steps``) or
             ``stop`` (raise an error naming the step).
@@ -112,6 +114,7 @@ class RLHFModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         export_dir: str | None = "auto",
+        overwrite_export: bool = False,
         on_nonfinite: NonFinitePolicy = "skip",
         lora_r: int = 0,
         lora_alpha: float = 16.0,
@@ -144,6 +147,7 @@ class RLHFModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
         self.export_dir = export_dir
+        self.overwrite_export = overwrite_export
         self.on_nonfinite = on_nonfinite
         self.lora_r = lora_r
         self.lora_alpha = lora_alpha
@@ -151,6 +155,7 @@ class RLHFModule(L.LightningModule):
         self.lora_target_modules = lora_target_modules
         self.iteration = 0
         self.nonfinite_steps = 0  # optimizer steps skipped because of NaN/inf (saved in checkpoints)
+        check_model_path(model_name_or_path, "model.model_name_or_path")
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
         self._models_built = False
         self._param_ndims: dict[str, int] = {}  # parameter ranks before sharding (FSDP flattens them)
@@ -302,6 +307,35 @@ class RLHFModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None and stage == "fit":
             self.check_strategy()
+            self.check_micro_batch_size()
+            self.check_export_dir()
+
+    def check_export_dir(self) -> None:
+        """Refuse, at start, an ``export_dir`` given by name that already holds an exported model (a re-run would
+        overwrite it), unless ``model.overwrite_export``; ``auto`` exports into the run's own version folder."""
+        if self.export_dir in (None, "auto") or self.overwrite_export:
+            return
+        if (Path(self.export_dir) / "config.json").exists():
+            raise FileExistsError(
+                f"model.export_dir: {self.export_dir} already holds an exported model, which this run would overwrite. "
+                "Choose another folder, use model.export_dir: auto (the run's own log folder), or set "
+                "model.overwrite_export: true."
+            )
+
+    def check_micro_batch_size(self, batch_size: int | None = None) -> None:
+        """Warn when ``model.micro_batch_size`` exceeds the batch (then every batch is one micro-batch).
+
+        Args:
+            batch_size: Examples per training batch and rank; default: the data module's ``batch_size``.
+        """
+        if batch_size is None and self._trainer is not None:
+            batch_size = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if self.micro_batch_size is not None and batch_size and self.micro_batch_size > batch_size:
+            log.warning(
+                "model.micro_batch_size (%d) > data.batch_size (%d): each batch is a single micro-batch, no gradient "
+                "accumulation happens. Lower model.micro_batch_size or raise data.batch_size.",
+                self.micro_batch_size, batch_size,
+            )
 
     def check_strategy(self, strategy: Any = None, batch_size: int | None = None) -> None:
         """Fail at start, naming the fix, when the strategy cannot run this module as configured; translate what can
@@ -611,12 +645,39 @@ class RLHFModule(L.LightningModule):
         return out
     # --- export under sharded strategies: end ---
 
+    def check_run_health(self) -> None:
+        """At the end of ``fit``: fail (non-zero exit, nothing exported) with a summary when most of the run's updates
+        were skipped for non-finite values, counted over the whole run (resumes included) and all ranks: optimizer
+        steps skipped by ``model.on_nonfinite: skip``, and samples dropped for a non-finite reward (a module with
+        ``scored_samples`` / ``nonfinite_reward_samples`` counters, e.g. PPO). A smaller share is summarised."""
+        steps = int(self.trainer.global_step) if self._trainer is not None else 0
+        scored = float(getattr(self, "scored_samples", 0.0) or 0.0)
+        dropped = float(getattr(self, "nonfinite_reward_samples", 0.0) or 0.0)
+        parts, fatal = [], False
+        if self.nonfinite_steps:
+            parts.append(f"{self.nonfinite_steps} of {steps} optimizer steps skipped for a non-finite loss or gradient "
+                         "(model.on_nonfinite=skip)")
+            fatal |= 2 * self.nonfinite_steps > steps
+        if dropped:
+            parts.append(f"{int(dropped)} of {int(scored)} rollout samples dropped for a non-finite reward "
+                         "(model.on_nonfinite_reward=drop)")
+            fatal |= 2 * dropped > scored
+        if not parts:
+            return
+        summary = "; ".join(parts)
+        if fatal:
+            raise RuntimeError(f"Most of this run's updates were skipped: {summary}. The model is not exported. Look "
+                               "at the warnings above for the first steps / samples at fault.")
+        log.warning("Non-finite values in this run: %s.", summary)
+
     def on_fit_end(self) -> None:
+        if any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks):  # callbacks/preemption.py
+            if self.resolved_export_dir() is not None:
+                log.warning("Training was stopped by a signal after a checkpoint: not exporting (resume to finish).")
+            return
+        self.check_run_health()
         directory = self.resolved_export_dir()
         if directory is None:
-            return
-        if any(getattr(cb, "preempted", False) for cb in self.trainer.callbacks):  # callbacks/preemption.py
-            log.warning("Training was stopped by a signal after a checkpoint: not exporting (resume to finish).")
             return
         state_dict = self.gathered_export_state_dict()  # all ranks (collective under sharded strategies)
         if self.trainer.is_global_zero:

@@ -38,9 +38,10 @@ from torch import nn
 from lightning_rlhf.data.batches import PromptBatch, pad_sequences
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.models.factory import load_causal_lm
-from lightning_rlhf.rewards import RewardInput, RewardSource, build_reward_source
+from lightning_rlhf.rewards import RewardSource, build_reward_source
 from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
-from lightning_rlhf.rollout.generation import GenerationOutput, HFGenerator, response_lengths
+from lightning_rlhf.rollout.generation import GenerationOutput, HFGenerator
+from lightning_rlhf.rollout.maker import ExperienceMaker, wrap_generation
 from lightning_rlhf.sample_sets import (
     SampleSetFileError,
     append_records,
@@ -134,6 +135,7 @@ class PolicySamplesModule(RLHFModule):
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
         )
         self.reward_source: Optional[RewardSource] = None
+        self.experience_maker: Optional[ExperienceMaker] = None
         self._done: set[str] = set()
         #: prompts sampled / skipped (already in a part file) by this process in this run
         self.num_sampled = 0
@@ -158,6 +160,8 @@ class PolicySamplesModule(RLHFModule):
                 self.tokenizer, self.reward_model_name_or_path, self.reward_fn_spec, dtype=self.dtype_name,
                 trust_remote_code=self.trust_remote_code, micro_batch_size=self.micro_batch_size,
             )
+        # decoding and scoring as every rollout is decoded and scored (the sampling here is seeded per prompt)
+        self.experience_maker = ExperienceMaker(self.generator, self.tokenizer, self.reward_source)
 
     def export_model(self) -> nn.Module:
         return self.policy
@@ -274,20 +278,14 @@ class PolicySamplesModule(RLHFModule):
         """Decode the ``len(items) * k`` generated rows (prompt-major) and score them; per prompt
         ``(responses, scores or None)``. A non-finite score stops the pass naming the prompt id."""
         k = self.num_samples
-        lengths = response_lengths(gen.action_mask).tolist()
-        rows = [r[:n] for r, n in zip(gen.sequences[:, gen.prompt_length :].tolist(), lengths)]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        prompt_ids = [pid for _, _, pid, _ in items for _ in range(k)]
+        exp = wrap_generation(gen, prompt_ids, [p for _, p, _, _ in items for _ in range(k)],
+                              [d for _, _, _, d in items for _ in range(k)])
+        texts = self.experience_maker.decode_responses(exp)
+        exp.extras["responses"] = texts
         scores: Optional[list[float]] = None
         if self.reward_source is not None:
-            prompts = [p for _, p, _, _ in items for _ in range(k)]
-            prompt_ids = [pid for _, _, pid, _ in items for _ in range(k)]
-            inp = RewardInput(
-                sequences=gen.sequences, attention_mask=gen.attention_mask, prompt_length=gen.prompt_length,
-                action_mask=gen.action_mask, prompts=prompts, responses=texts,
-                extras={"prompt_ids": prompt_ids, "prompts": prompts,
-                        "domains": [d for _, _, _, d in items for _ in range(k)], "stopped_by_eos": gen.stopped_by_eos},
-            )
-            scores = self.reward_source(inp).float().cpu().tolist()
+            scores = self.experience_maker.score(exp).cpu().tolist()
             for score, pid in zip(scores, prompt_ids):
                 if not math.isfinite(score):
                     raise ValueError(f"The reward source returned a non-finite score ({score}) for prompt_id {pid!r}")

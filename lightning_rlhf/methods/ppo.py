@@ -26,15 +26,18 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lightning_rlhf.advantages import ReduceFn, explained_variance, gae, masked_sum, masked_whiten
+from lightning_rlhf.advantages import ReduceFn, explained_variance, gae, grpo_advantages, masked_sum, masked_whiten
+from lightning_rlhf.advantages import reinforce_pp_advantages, rloo_advantages
 from lightning_rlhf.data.batches import PromptBatch, TokenBatch
 from lightning_rlhf.losses.ppo import KLEstimator, PolicyLossOutput, entropy_from_logits, kl_penalty, policy_loss
 from lightning_rlhf.losses.ppo import token_rewards, value_loss
 from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.online_eval import OnlineEvaluator, RewardSpec
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
-from lightning_rlhf.rewards import RewardSource, build_reward_source
+from lightning_rlhf.rewards import NonFiniteRewardPolicy, RewardSource, build_reward_source
+from lightning_rlhf.rewards import check_scores, describe_reward_source
 from callbacks.protocols import KL_SCALE
 from lightning_rlhf.rollout.annotations import ExperienceHooks
 from lightning_rlhf.rollout.experience import Experience
@@ -46,8 +49,12 @@ from lightning_rlhf.rollout.sample_log import log_sample_table, sample_table
 from lightning_rlhf.rollout.scoring import token_logprobs
 
 
-CriticKind = Literal["separate", "shared"]
+CriticKind = Literal["separate", "shared", "none"]
 RolloutEngine = Literal["hf", "static"]
+AdvantageEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp"]
+ScaleRewards = Literal["group", "batch", "none"]
+KLPlacement = Literal["reward", "loss"]
+LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 
 
 @dataclass
@@ -56,14 +63,14 @@ class PPOForwardOutput:
 
     Attributes:
         logprobs: ``(b, R)`` log-probs of the response tokens under the current policy (with grad).
-        values: ``(b, R)`` current critic values (with grad).
+        values: ``(b, R)`` current critic values (with grad); ``None`` without a critic.
         entropy: ``(b, R)`` per-token policy entropy (with grad only when ``ent_coef > 0``).
         policy: the :class:`PolicyLossOutput` of this micro-batch (``per_sample_surrogate`` for GIL-style losses);
             ``None`` during critic warm-up.
     """
 
     logprobs: Optional[torch.Tensor]
-    values: torch.Tensor
+    values: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
     policy: Optional[PolicyLossOutput] = None
 
@@ -78,13 +85,17 @@ class PPOModule(RLHFModule):
     (a per-sample KL scale, per-sample loss weights; e.g. GIL's group inference and adaptive exploration).
 
     Hooks for methods built on PPO: :meth:`transform_scores` (score shaping before normalisation),
-    :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`extra_loss`.
+    :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`prepare_minibatch`
+    (per-minibatch loss weights), :meth:`extra_loss`.
 
     Logged every iteration (rank-reduced): ``iteration``, ``score/mean``, ``score/std``, ``score/shaped_mean``,
     ``kl`` (per-sequence sum), ``kl/token_mean``, ``kl_coef``, ``policy/loss``, ``policy/entropy``,
     ``policy/clip_frac``, ``policy/approx_kl``, ``value/loss``, ``value/clip_frac``, ``value/explained_var``,
     ``response/length``, ``response/no_eos_frac``, ``time/{generate,score,update}`` (s, this rank) and
     ``tokens_per_s/{generate,score,update}``; sample prompts/responses as a TensorBoard text table.
+    On validation (every ``trainer.val_check_interval`` iterations, over the prompt module's validation split; see
+    :mod:`lightning_rlhf.methods.online_eval`): ``val/score``, ``val/score/<domain>``, ``val/kl``,
+    ``val/response_length``, ``val/no_eos_frac``, ``val/judge/<name>``.
 
     Args:
         model_name_or_path: Policy to train (usually an SFT export): hub id, folder, or ``builtin:tiny-llama``.
@@ -93,14 +104,36 @@ class PPOModule(RLHFModule):
             sequence-classification model with one label). Exactly one of this and ``reward_fn``.
         reward_fn: Rule-based reward: ``{class_path: ..., init_args: {...}}`` of a callable
             ``fn(prompts, responses, **extras) -> list[float]``, e.g. ``lightning_rlhf.rewards.TokenCountReward``.
-        critic: ``separate`` (value head on its own backbone) or ``shared`` (value head on the policy trunk).
+        on_nonfinite_reward: A NaN/inf score from the reward source is reported (count, rows, prompt ids) and the
+            sample is left out of the update (``drop``; counted in ``reward/nonfinite_dropped``; a run that drops
+            more than half of its samples fails at the end), or the run stops naming the source (``fail``).
+        critic: ``separate`` (value head on its own backbone), ``shared`` (value head on the policy trunk) or ``none``
+            (no value model is built: the critic-free estimators ``grpo``, ``rloo``, ``reinforce_pp`` need none).
         critic_model_name_or_path: Backbone of a separate critic; default: the reward model, else the policy.
         critic_lr: Learning rate of the critic parameter group (the policy group uses ``lr``).
         kl_coef: KL coefficient ``beta`` of the token rewards (adapted by ``AdaptiveKLController`` if present).
         kl_estimator: ``k1`` (``logp - logp_ref``) or ``k3`` (``exp(-d) - 1 + d``).
+        advantage: ``gae`` (PPO with the critic) or a critic-free estimator (``lightning_rlhf/advantages.py``):
+            ``grpo`` (group-mean baseline, scaled by ``scale_rewards``; Shao et al. 2024), ``rloo`` (leave-one-out mean;
+            Ahmadian et al. 2024), ``reinforce_pp`` (batch-normalised returns-to-go of the token rewards; Hu 2025). The
+            group estimators need ``n_samples_per_prompt >= 2`` and ``critic: none``; their sequence return is the
+            shaped score minus ``kl_coef_i * sum_t kl_t`` when ``kl_in: reward``, the shaped score alone when ``kl_in:
+            loss``. Their advantages are not whitened again (``whiten_advantages`` is for ``gae``).
+        scale_rewards: ``grpo`` only: divide the centred return by the std of its ``group`` (the paper), of the whole
+            ``batch`` (all ranks), or not at all (``none``, Dr. GRPO).
+        kl_in: Where the KL to the reference enters: ``reward`` (``-kl_coef * kl_t`` token rewards, as PPO; with
+            ``kl_estimator``) or ``loss`` (GRPO's ``kl_loss_coef * k3(pi, pi_ref)`` term on the current policy,
+            aggregated like the policy loss; the rewards then carry no KL).
+        kl_loss_coef: Weight of the KL loss term when ``kl_in: loss`` (GRPO: 0.04).
+        loss_agg: How token terms become the loss: ``token_mean`` (sum over all tokens of the minibatch / their
+            number), ``seq_mean_token_sum`` (sum over each sequence's tokens, mean over sequences) or
+            ``seq_mean_token_mean`` (mean over each sequence's tokens, then over sequences; the GRPO paper). Counts
+            are global over ranks and micro-batches.
         gamma: GAE discount.
         lam: GAE lambda.
-        clip_eps: Policy ratio clip range.
+        clip_eps: Policy ratio clip range (the lower one when ``clip_eps_high`` is set).
+        clip_eps_high: Upper ratio clip range, ``[1 - clip_eps, 1 + clip_eps_high]`` (DAPO's clip-higher);
+            ``null`` = ``clip_eps``.
         value_clip: Value clip range; ``null`` disables value clipping.
         vf_coef: Weight of the value loss.
         ent_coef: Weight of the entropy bonus.
@@ -144,6 +177,10 @@ class PPOModule(RLHFModule):
         seed: Base seed of rollout sampling and minibatch shuffling (per rank and iteration, resumable).
         log_samples_every_n: Log a text table of samples every N iterations (0 disables).
         num_logged_samples: Rows in that table.
+        eval_rewards: Judges scored on the validation samples beside the training reward, never trained on:
+            ``{name: reward model path | {class_path, init_args}}``, logged as ``val/judge/<name>``.
+        val_greedy: Decode validation responses greedily (default: sample with the training settings).
+        val_seed: Seed of validation sampling; with the prompt ids it fixes the samples of given weights.
         lr: Policy learning rate (PPO-max: 1e-6; raise it for small models).
         micro_batch_size: Rows per forward/backward micro-batch in the update (gradient accumulation).
     """
@@ -156,14 +193,21 @@ class PPOModule(RLHFModule):
         ref_model_name_or_path: Optional[str] = None,
         reward_model_name_or_path: Optional[str] = None,
         reward_fn: Optional[dict[str, Any]] = None,
+        on_nonfinite_reward: NonFiniteRewardPolicy = "drop",
         critic: CriticKind = "separate",
         critic_model_name_or_path: Optional[str] = None,
         critic_lr: float = 5e-6,
         kl_coef: float = 0.05,
         kl_estimator: KLEstimator = "k1",
+        advantage: AdvantageEstimator = "gae",
+        scale_rewards: ScaleRewards = "group",
+        kl_in: KLPlacement = "reward",
+        kl_loss_coef: float = 0.0,
+        loss_agg: LossAggregation = "token_mean",
         gamma: float = 1.0,
         lam: float = 0.95,
         clip_eps: float = 0.2,
+        clip_eps_high: Optional[float] = None,
         value_clip: Optional[float] = 0.2,
         vf_coef: float = 0.5,
         ent_coef: float = 0.0,
@@ -190,14 +234,36 @@ class PPOModule(RLHFModule):
         seed: int = 0,
         log_samples_every_n: int = 10,
         num_logged_samples: int = 4,
+        eval_rewards: Optional[dict[str, RewardSpec]] = None,
+        val_greedy: bool = False,
+        val_seed: int = 0,
         lr: float = 1e-6,
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, **kwargs)
         if (reward_model_name_or_path is None) == (reward_fn is None):
             raise ValueError("PPO needs exactly one reward source: set model.reward_model_name_or_path OR model.reward_fn")
-        if critic not in ("separate", "shared"):
-            raise ValueError(f"model.critic must be 'separate' or 'shared', got {critic!r}")
+        if critic not in ("separate", "shared", "none"):
+            raise ValueError(f"model.critic must be 'separate', 'shared' or 'none', got {critic!r}")
+        _check_choice("advantage", advantage, ("gae", "grpo", "rloo", "reinforce_pp"))
+        _check_choice("scale_rewards", scale_rewards, ("group", "batch", "none"))
+        _check_choice("kl_in", kl_in, ("reward", "loss"))
+        _check_choice("loss_agg", loss_agg, ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"))
+        if advantage == "gae" and critic == "none":
+            raise ValueError("model.advantage: gae needs a critic; set model.critic: separate | shared, or a "
+                             "critic-free model.advantage (grpo, rloo, reinforce_pp)")
+        if advantage != "gae" and critic != "none":
+            raise ValueError(f"model.advantage: {advantage} uses no value model; set model.critic: none (a "
+                             f"{critic} critic would be built and trained for nothing)")
+        if advantage in ("grpo", "rloo") and n_samples_per_prompt < 2:
+            raise ValueError(f"model.advantage: {advantage} compares the samples of one prompt; set "
+                             f"model.n_samples_per_prompt >= 2 (got {n_samples_per_prompt})")
+        if critic == "none" and critic_warmup_iters > 0:
+            raise ValueError("model.critic_warmup_iters > 0 needs a critic (model.critic: none has none)")
+        if kl_in == "loss" and kl_loss_coef < 0:
+            raise ValueError(f"model.kl_loss_coef must be >= 0, got {kl_loss_coef}")
+        if clip_eps_high is not None and clip_eps_high <= 0:
+            raise ValueError(f"model.clip_eps_high must be > 0 or null, got {clip_eps_high}")
         if reward_norm not in REWARD_NORMS:
             raise ValueError(f"model.reward_norm must be none|scale|norm|norm_clip, got {reward_norm!r}")
         if kl_estimator not in ("k1", "k3"):
@@ -215,6 +281,11 @@ class PPOModule(RLHFModule):
             )
         if critic_lr <= 0:
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0 (PPO samples its responses), got {temperature}")
+        if on_nonfinite_reward not in ("drop", "fail"):
+            raise ValueError(f"model.on_nonfinite_reward must be 'drop' or 'fail', got {on_nonfinite_reward!r}")
+        self.on_nonfinite_reward: NonFiniteRewardPolicy = on_nonfinite_reward
         if rollout_engine not in ("hf", "static"):
             raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
         if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
@@ -231,9 +302,15 @@ class PPOModule(RLHFModule):
         self.critic_lr = critic_lr
         self.kl_coef = float(kl_coef)
         self.kl_estimator: KLEstimator = kl_estimator
+        self.advantage: AdvantageEstimator = advantage
+        self.scale_rewards: ScaleRewards = scale_rewards
+        self.kl_in: KLPlacement = kl_in
+        self.kl_loss_coef = kl_loss_coef
+        self.loss_agg: LossAggregation = loss_agg
         self.gamma = gamma
         self.lam = lam
         self.clip_eps = clip_eps
+        self.clip_eps_high = clip_eps_high
         self.value_clip = value_clip
         self.vf_coef = vf_coef
         self.ent_coef = ent_coef
@@ -268,10 +345,14 @@ class PPOModule(RLHFModule):
         self.register_buffer("reward_mean", torch.zeros((), dtype=torch.float64))
         self.register_buffer("reward_var", torch.ones((), dtype=torch.float64))
         self.register_buffer("reward_count", torch.zeros((), dtype=torch.float64))
+        # samples scored / dropped for a non-finite score, all ranks (checkpointed; read by the end-of-run check)
+        self.register_buffer("scored_samples", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("nonfinite_reward_samples", torch.zeros((), dtype=torch.float64))
         self._last_stats: dict[str, float] = {}
         self._ptx_batch: Optional[TokenBatch] = None  # this iteration's batch of the `ptx` data stream
         self.reward_source: Optional[RewardSource] = None
         self.experience_maker: Optional[ExperienceMaker] = None
+        self.evaluator = OnlineEvaluator(eval_rewards, greedy=val_greedy, seed=val_seed)
 
     def is_logging_step(self) -> bool:
         """Always: a PPO training step is a whole iteration (its optimizer steps would not line up with Lightning's
@@ -293,6 +374,9 @@ class PPOModule(RLHFModule):
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             self.value_head: Optional[nn.Linear] = None
+        elif self.critic_kind == "none":
+            self.critic = None
+            self.value_head = None
         else:
             self.critic = None
             hidden = self.policy.config.get_text_config().hidden_size
@@ -319,6 +403,8 @@ class PPOModule(RLHFModule):
     # ------------------------------------------------------------------ optimizer
     def _critic_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         module = self.critic if self.critic is not None else self.value_head
+        if module is None:  # critic: none
+            return
         for name, p in module.named_parameters():
             if p.requires_grad:
                 yield name, p
@@ -338,7 +424,9 @@ class PPOModule(RLHFModule):
         if self._trainer is None:
             return 1
         dm = getattr(self.trainer, "datamodule", None)
-        per_iter = self.steps_per_iteration(int(getattr(dm, "batch_size", None) or self.mini_batch_size or 1))
+        prompts = getattr(dm, "batch_size", None)
+        rollouts = int(prompts) * self.n_samples_per_prompt if prompts else (self.mini_batch_size or 1)
+        per_iter = self.steps_per_iteration(rollouts)
         if self.max_iterations:
             return self.max_iterations * per_iter
         if self.trainer.max_steps and self.trainer.max_steps > 0:
@@ -371,6 +459,13 @@ class PPOModule(RLHFModule):
     def per_sample_kl_coef(self, experience: Experience) -> torch.Tensor:
         """``(B,)`` base KL coefficients before the experience hooks' ``kl_scale``: ``kl_coef`` everywhere here."""
         return torch.full((len(experience),), self.kl_coef, dtype=torch.float32, device=experience.device)
+
+    def prepare_minibatch(self, minibatch: Experience, step: int) -> Experience:
+        """Called before the micro-batches of each optimizer step that trains the policy (identity here); a method
+        may set per-sample loss weights from statistics of the whole minibatch (e.g. GIL's invariance weights in
+        ``extras["sample_weight"]``). ``step`` counts this iteration's optimizer steps (0: the parameters are still
+        the rollout's). Collective under DDP when the method all-reduces: every rank calls it in step."""
+        return minibatch
 
     def extra_loss(self, minibatch: Experience, outputs: PPOForwardOutput) -> Optional[torch.Tensor]:
         """An additional loss for a micro-batch (None here). It is weighted by the micro-batch's share of the
@@ -426,15 +521,55 @@ class PPOModule(RLHFModule):
         t1 = self._sync_time()
         features = self.feature_source if self.experience_hooks.needs_features else None
         maker.forward_passes(exp, self.policy, self.reference, self.critic, self.value_head, features)
-        exp.scores = maker.score(exp)  # (B,)
+        exp.scores = self.score(exp)  # (B,)
         t2 = self._sync_time()
         exp.extras["_timing"] = {"generate": t1 - t0, "score": t2 - t1}
         return exp
+
+    def score(self, exp: Experience) -> torch.Tensor:
+        """``(B,)`` raw scores of the rollouts from the reward source (through the experience maker)."""
+        assert self.experience_maker is not None, "build_models() was not called"
+        return self.experience_maker.score(exp)
 
     def decode_responses(self, exp: Experience) -> list[str]:
         """Response texts up to and including EOS (special tokens skipped)."""
         assert self.experience_maker is not None, "build_models() was not called"
         return self.experience_maker.decode_responses(exp)
+
+    def drop_nonfinite_rewards(self, exp: Experience) -> Experience:
+        """Leave samples whose raw score is NaN/inf out of the update (``model.on_nonfinite_reward``).
+
+        One process: those rows are removed (``exp.select``). Several ranks, or a group estimator (``grpo``,
+        ``rloo``, which need every prompt's whole group): every rank must run the same number of minibatches and
+        collectives, so the rows stay, with an empty response mask (no loss tokens, no score in the token rewards) and
+        the score replaced by the mean finite score of all ranks (the running moments' mean is unchanged; in a group
+        estimator that stand-in score enters its group's baseline). When no score of any rank is finite the batch is left as it is: the non-finite guard then skips the
+        iteration's updates (``model.on_nonfinite``) and the running moments ignore the NaNs.
+        """
+        where = f"iteration {self.iteration}, rank {self.global_rank if self._trainer is not None else 0}"
+        keep = check_scores(exp.scores, describe_reward_source(self.reward_source), self.on_nonfinite_reward,
+                            exp.extras.get("prompt_ids"), where)
+        finite = exp.scores[keep]
+        n, n_bad, s = self._global_sums([torch.tensor(float(len(exp))), (~keep).sum(), finite.sum()])
+        self.scored_samples += n
+        self.nonfinite_reward_samples += n_bad
+        self.log("reward/nonfinite_dropped", float(self.nonfinite_reward_samples), on_step=True, on_epoch=False,
+                 batch_size=len(exp))
+        if n_bad == 0 or n_bad == n:
+            return exp
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 and self.advantage not in ("grpo", "rloo"):  # (group estimators need whole groups: masked)
+            return exp.select(keep.nonzero().flatten().cpu())
+        fill = s / max(n - n_bad, 1.0)
+        exp.scores = torch.where(keep, exp.scores, torch.full_like(exp.scores, fill))
+        dropped = ~keep.to(exp.action_mask.device)
+        exp.action_mask = exp.action_mask.masked_fill(dropped[:, None], 0)
+        exp.attention_mask[:, exp.prompt_length:] = exp.attention_mask[:, exp.prompt_length:].masked_fill(
+            dropped[:, None], 0)
+        for name in ("logprobs", "ref_logprobs", "values"):
+            if getattr(exp, name) is not None:  # (no values without a critic)
+                setattr(exp, name, getattr(exp, name) * exp.action_mask)
+        return exp
 
     # ------------------------------------------------------------------ 2. score shaping
     def update_reward_moments(self, scores: torch.Tensor) -> None:
@@ -474,10 +609,24 @@ class PPOModule(RLHFModule):
         exp.kl = kl_penalty(exp.logprobs, exp.ref_logprobs, self.kl_estimator) * mask  # (B, R)
         exp.kl_coef = self.per_sample_kl_coef(exp)  # (B,)
         self.annotate_experience(exp)  # the view; callbacks' kl_scale / sample_weight / other annotations
-        exp.rewards = token_rewards(exp.shaped_scores, exp.kl, exp.kl_coef, mask)  # (B, R)
-        advantages, exp.returns = gae(exp.rewards, exp.values, mask, gamma=self.gamma, lam=self.lam)
-        if self.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, reduce_fn=self.reduce_fn())
+        # KL in the loss (GRPO): the rewards carry only the score
+        reward_coef = exp.kl_coef if self.kl_in == "reward" else torch.zeros_like(exp.kl_coef)
+        exp.rewards = token_rewards(exp.shaped_scores, exp.kl, reward_coef, mask)  # (B, R)
+        if self.advantage == "gae":
+            advantages, exp.returns = gae(exp.rewards, exp.values, mask, gamma=self.gamma, lam=self.lam)
+            if self.whiten_advantages:
+                advantages = masked_whiten(advantages, mask, reduce_fn=self.reduce_fn())
+        elif self.advantage == "reinforce_pp":
+            advantages, exp.returns = reinforce_pp_advantages(exp.rewards, mask, reduce_fn=self.reduce_fn())
+        else:  # grpo / rloo: one advantage per rollout from its group, spread over its response tokens
+            seq_returns = exp.rewards.sum(-1)  # (B,) shaped score - kl_coef_i * sum_t kl_t (KL in the reward)
+            k = self.n_samples_per_prompt
+            if self.advantage == "grpo":
+                seq_adv = grpo_advantages(seq_returns, k, self.scale_rewards, reduce_fn=self.reduce_fn())
+            else:
+                seq_adv = rloo_advantages(seq_returns, k)
+            advantages = seq_adv[:, None] * mask  # (B, R)
+            exp.returns = seq_returns[:, None] * mask
         exp.advantages = advantages
         return exp
 
@@ -528,7 +677,7 @@ class PPOModule(RLHFModule):
         the caller then adds ``0 * logprobs`` and drops the policy's gradients).
         """
         P = micro.prompt_length
-        shared = self.critic is None
+        shared = self.critic_kind == "shared"
         logprobs = entropy = hidden = None
         if train_policy or shared or keep_policy_graph:
             logits, hidden = response_logits(self.policy, micro.sequences, micro.attention_mask, P, self.temperature,
@@ -542,8 +691,18 @@ class PPOModule(RLHFModule):
             if not train_policy and not keep_policy_graph:
                 logprobs = logprobs.detach()
                 hidden = hidden.detach() if hidden is not None else None  # warm-up: no policy gradient
-        values = self._critic_values(micro.sequences, micro.attention_mask, P, hidden)
+        values = None if self.critic_kind == "none" else self._critic_values(micro.sequences, micro.attention_mask, P,
+                                                                              hidden)
         return PPOForwardOutput(logprobs=logprobs, values=values, entropy=entropy)
+
+    def loss_weights(self, micro: Experience) -> Optional[torch.Tensor]:
+        """``(b,)`` per-rollout weights of the policy (and KL) loss terms: the ``loss_agg`` weight (``1 / length`` for
+        ``seq_mean_token_mean``) times the callbacks' ``sample_weight``; ``None`` when both are 1."""
+        weights = micro.extras.get("sample_weight")
+        if self.loss_agg == "seq_mean_token_mean":
+            inv_len = 1.0 / micro.action_mask.sum(-1).clamp_min(1).float()  # (b,)
+            weights = inv_len if weights is None else weights * inv_len
+        return weights
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -584,26 +743,45 @@ class PPOModule(RLHFModule):
         # statistics accumulate as device tensors (no host sync per micro-batch); read once at the end
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         keys = ("pg_loss", "v_loss", "entropy", "clip_frac", "approx_kl", "v_clip_frac", "ptx", "extra", "tokens",
-                "grad_norm", "steps", "tokens_processed")
+                "grad_norm", "steps", "tokens_processed", "kl_loss")
         sums = {k: zero.clone() for k in keys}
+        step = 0
         for _ in range(self.ppo_epochs):
             n_mb = math.ceil(len(exp) / (self.mini_batch_size or len(exp)))
             for mb_index, mb in enumerate(exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g)):
+                if train_policy:
+                    mb = self.prepare_minibatch(mb, step)
+                step += 1
                 # token-mean over the minibatch of ALL ranks: DDP averages gradients, so each rank divides its token
                 # sum by (global tokens / world size); with unequal response lengths a per-rank mean would differ
                 n_tokens = self.mean_over_ranks(mb.action_mask.sum()).clamp_min(1)
+                # the policy (and KL) loss's normaliser: tokens (token_mean) or sequences of the minibatch, all ranks
+                agg_norm = n_tokens if self.loss_agg == "token_mean" else self.mean_over_ranks(
+                    torch.tensor(float(len(mb)), device=self.device)).clamp_min(1)
                 micros = list(mb.minibatches(self.micro_batch_size or len(mb), shuffle=False))
                 for i, micro in enumerate(micros):
                     out = self.forward_micro(micro, train_policy, keep_policy_graph=anchor_policy)
                     mask = micro.action_mask
-                    v_loss, v_clip = value_loss(out.values, micro.values, micro.returns, mask, self.value_clip, n_tokens)
-                    loss = self.vf_coef * v_loss
+                    loss = torch.zeros((), device=self.device)
+                    v_loss = v_clip = None
+                    if out.values is not None:
+                        v_loss, v_clip = value_loss(out.values, micro.values, micro.returns, mask, self.value_clip,
+                                                    n_tokens)
+                        loss = loss + self.vf_coef * v_loss
                     if anchor_policy and out.logprobs is not None:
                         loss = loss + 0.0 * masked_sum(out.logprobs, mask)
                     if train_policy:
+                        weights = self.loss_weights(micro)  # (b,) or None
                         out.policy = policy_loss(out.logprobs, micro.logprobs, micro.advantages, mask, self.clip_eps,
-                                                 n_tokens, sample_weights=micro.extras.get("sample_weight"))
+                                                 agg_norm, sample_weights=weights, clip_eps_high=self.clip_eps_high)
                         loss = loss + out.policy.loss
+                        if self.kl_in == "loss" and self.kl_loss_coef > 0:
+                            kl_tok = kl_penalty(out.logprobs, micro.ref_logprobs, "k3")  # (b, R), grad via logprobs
+                            if weights is not None:
+                                kl_tok = kl_tok * weights[:, None]
+                            kl_loss = masked_sum(kl_tok, mask) / agg_norm
+                            loss = loss + self.kl_loss_coef * kl_loss
+                            sums["kl_loss"] += kl_loss.detach().double()
                         if self.ent_coef > 0:
                             loss = loss - self.ent_coef * masked_sum(out.entropy, mask) / n_tokens
                     extra = self.extra_loss(micro, out)
@@ -621,8 +799,9 @@ class PPOModule(RLHFModule):
                     self.backward_micro(loss, sync=i == len(micros) - 1)
                     # token-weighted statistics (micro-batch quantities are over n_tokens of the minibatch)
                     m_tokens = mask.sum().double()
-                    sums["v_loss"] += v_loss.detach().double()
-                    sums["v_clip_frac"] += v_clip.double() * m_tokens
+                    if v_loss is not None:
+                        sums["v_loss"] += v_loss.detach().double()
+                        sums["v_clip_frac"] += v_clip.double() * m_tokens
                     if out.entropy is not None:
                         sums["entropy"] += masked_sum(out.entropy.detach(), mask).double()
                     if out.policy is not None:
@@ -638,13 +817,17 @@ class PPOModule(RLHFModule):
                 sums["steps"] += 1
         vals = dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))  # one host sync
         steps, toks = max(vals["steps"], 1.0), max(vals["tokens"], 1.0)
-        return {
+        out = {
             "policy/loss": vals["pg_loss"] / steps, "value/loss": vals["v_loss"] / steps,
             "policy/entropy": vals["entropy"] / toks, "policy/clip_frac": vals["clip_frac"] / toks,
             "policy/approx_kl": vals["approx_kl"] / toks, "value/clip_frac": vals["v_clip_frac"] / toks,
             "ptx/loss": vals["ptx"] / steps, "extra/loss": vals["extra"] / steps, "grad_norm": vals["grad_norm"] / steps,
+            **({"kl/loss": vals["kl_loss"] / steps} if self.kl_in == "loss" else {}),
             "_tokens_processed": vals["tokens_processed"],
         }
+        if self.critic_kind == "none":
+            del out["value/loss"], out["value/clip_frac"]
+        return out
 
     # ------------------------------------------------------------------ the iteration
     def training_step(self, batch: Union[PromptBatch, Mapping[str, Any]], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -654,7 +837,7 @@ class PPOModule(RLHFModule):
         TokenBatch}`` (the ptx batch feeds the ptx term of this iteration's optimizer steps)."""
         if isinstance(batch, Mapping):
             batch, self._ptx_batch = batch["prompts"], batch.get("ptx")
-        exp = self.make_experience(batch)
+        exp = self.drop_nonfinite_rewards(self.make_experience(batch))
         self.compute_advantages(exp)
         t0 = self._sync_time()
         upd = self.ppo_update(exp)
@@ -678,13 +861,22 @@ class PPOModule(RLHFModule):
             self.trainer.should_stop = True
         return {k: torch.tensor(float(v)) for k, v in logged.items()}
 
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Held-out evaluation (:mod:`lightning_rlhf.methods.online_eval`): sample with fixed seeds, score, judge."""
+        self.evaluator.validation_step(self, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluator.log(self)
+
     def rollout_statistics(self, exp: Experience, upd: dict[str, float], t_update: float) -> dict[str, float]:
         """Iteration statistics; sums and counts are reduced across ranks in one all-reduce."""
         mask = exp.action_mask.float()
         lengths = mask.sum(-1)  # (B,)
         kl_rows = exp.kl.sum(-1)  # (B,)
         stopped = exp.extras["stopped_by_eos"].float()
-        score_tokens = float(exp.attention_mask.sum()) * 3  # policy, reference, critic passes
+        passes = 1 + int("rollout_logprobs" not in exp.extras or not self.reuse_rollout_logprobs) \
+            + int(self.critic_kind == "separate")  # reference, policy (unless reused), separate critic
+        score_tokens = float(exp.attention_mask.sum()) * passes
         (n, s_sum, s_sq, sh_sum, kl_sum, kl_tok, n_tok, no_eos, len_sum, coef_sum, all_score_tok, all_upd_tok) = \
             self._global_sums([
                 torch.tensor(float(len(exp))), exp.scores.sum(), (exp.scores.double() ** 2).sum(),
@@ -703,7 +895,6 @@ class PPOModule(RLHFModule):
             "kl/token_mean": kl_tok / n_tok,
             "kl_coef": self.kl_coef,
             "kl_coef/sample_mean": coef_sum / n,
-            "value/explained_var": float(explained_variance(exp.values, exp.returns, exp.action_mask, self.reduce_fn())),
             "response/length": len_sum / n,
             "response/no_eos_frac": no_eos / n,
             "time/generate": timing.get("generate", 0.0),
@@ -716,6 +907,9 @@ class PPOModule(RLHFModule):
             "lr": self.current_lr(),
             "_num_sequences": n,
         }
+        if exp.values is not None:  # (every rank has a critic or none: the collective below runs on all or none)
+            stats["value/explained_var"] = float(explained_variance(exp.values, exp.returns, exp.action_mask,
+                                                                    self.reduce_fn()))
         # update-phase averages are local per rank; average them too so every rank logs the same numbers
         keys = [k for k in upd if not k.startswith("_")]
         world = float(self.trainer.world_size) if self._trainer is not None else 1.0
@@ -743,3 +937,9 @@ class PPOModule(RLHFModule):
         """Restore the iteration counter and ``kl_coef``; frozen models are rebuilt from their paths."""
         super().on_load_checkpoint(checkpoint)
         self.kl_coef = float(checkpoint.get("kl_coef", self.kl_coef))
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise naming ``model.<flag>`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"model.{flag} must be one of {' | '.join(choices)}, got {value!r}")

@@ -81,6 +81,52 @@ def _build_builtin(name: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether a model name is meant as a local folder rather than a hub id (``org/name`` or ``name``).
+
+    True when it exists, starts with ``.``, ``/`` or ``~``, has a backslash, a trailing slash or more than one ``/``,
+    or when its first component is an existing local folder (``runs/sft_exprt`` next to a ``runs/`` folder).
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        return False
+    if Path(name_or_path).expanduser().exists():
+        return True
+    if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.endswith("/"):
+        return True
+    parts = name_or_path.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def check_model_path(name_or_path: str | None, flag: str) -> None:
+    """Fail at once, naming ``flag``, when ``name_or_path`` looks like a local folder that does not exist
+    (``from_pretrained`` would take it for a hub id and retry the network for a minute before failing).
+
+    Args:
+        name_or_path: The value of the flag (``None`` passes).
+        flag: The flag's name for the message, e.g. ``model.model_name_or_path``.
+
+    Raises:
+        FileNotFoundError: naming the flag, the path, and what its nearest existing parent folder holds.
+    """
+    if name_or_path is None or not looks_like_local_path(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        entries = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    except OSError:
+        entries = []
+    shown = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "")
+    raise FileNotFoundError(
+        f"{flag}: the folder {name_or_path!r} does not exist (looked in {path.absolute()}); {parent} holds: "
+        f"[{shown}]. Give an existing model folder, a hub id (org/name) or builtin:tiny-llama."
+    )
+
+
 def resolve_pretrained(name_or_path: str) -> str:
     """Map a model name to something ``from_pretrained`` accepts.
 
@@ -88,6 +134,7 @@ def resolve_pretrained(name_or_path: str) -> str:
     anything else (hub id or local folder) is returned unchanged.
     """
     if not name_or_path.startswith(BUILTIN_PREFIX):
+        check_model_path(name_or_path, "model path")  # a missing local folder fails now, not after hub retries
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:

@@ -133,7 +133,7 @@ class SamplingSettings:
         if max_new_tokens <= 0:
             raise ValueError(f"{name}: max_new_tokens must be positive, got {max_new_tokens}")
         if do_sample and temperature <= 0:
-            raise ValueError(f"{name}: temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
+            raise ValueError(f"{name}: temperature must be > 0 for sampling, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"{name}: top_p must be in (0, 1], got {top_p}")
         if top_k < 0:

@@ -27,7 +27,7 @@ from lightning_rlhf.data.batches import PromptBatch
 from lightning_rlhf.rewards import RewardInput, RewardSource
 from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.experience import Experience
-from lightning_rlhf.rollout.generation import HFGenerator, response_lengths
+from lightning_rlhf.rollout.generation import GenerationOutput, HFGenerator, response_lengths
 from lightning_rlhf.rollout.scoring import last_token_index, position_ids_from_attention_mask, token_logprobs
 
 FeatureSource = Literal["critic", "policy"]
@@ -80,6 +80,36 @@ def last_token_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
     """
     idx = last_token_index(attention_mask)  # (B,)
     return hidden.detach()[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
+
+
+def wrap_generation(
+    gen: GenerationOutput,
+    prompt_ids: list[str],
+    prompts: list[str],
+    domains: list[str],
+    domain_ids: Optional[torch.Tensor] = None,
+) -> Experience:
+    """An ``Experience`` of a generator's output, with the per-row data a reward source reads in its extras.
+
+    Args:
+        gen: what a generator returned for ``B`` rows.
+        prompt_ids: ``B`` stable prompt ids, one per row.
+        prompts: ``B`` prompt texts.
+        domains: ``B`` domain labels.
+        domain_ids: ``(B,)`` domain indices, when known.
+
+    Returns:
+        The experience (``sequences``, masks, ``prompt_length``); extras ``prompt_ids``, ``prompts``, ``domains``,
+        ``domain_ids`` (when given), ``stopped_by_eos`` and ``rollout_logprobs`` (when the engine records them).
+    """
+    extras: dict[str, Any] = {"prompt_ids": prompt_ids, "prompts": prompts, "domains": domains}
+    if domain_ids is not None:
+        extras["domain_ids"] = domain_ids
+    extras["stopped_by_eos"] = gen.stopped_by_eos
+    if gen.logprobs is not None:
+        extras["rollout_logprobs"] = gen.logprobs
+    return Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=gen.action_mask,
+                      prompt_length=gen.prompt_length, extras=extras)
 
 
 class ExperienceMaker:
@@ -141,15 +171,8 @@ class ExperienceMaker:
             return [v for v in values for _ in range(k)]
 
         gen = self.generator.generate(policy, input_ids, attention_mask, seed=seed)
-        extras: dict[str, Any] = {
-            "prompt_ids": rows(list(batch.prompt_ids)), "prompts": rows(list(batch.prompts)),
-            "domains": rows(list(batch.domains)), "domain_ids": batch.domain_ids.repeat_interleave(k, dim=0),
-            "stopped_by_eos": gen.stopped_by_eos,
-        }
-        if gen.logprobs is not None:
-            extras["rollout_logprobs"] = gen.logprobs
-        return Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, action_mask=gen.action_mask,
-                          prompt_length=gen.prompt_length, extras=extras)
+        return wrap_generation(gen, rows(list(batch.prompt_ids)), rows(list(batch.prompts)), rows(list(batch.domains)),
+                               batch.domain_ids.repeat_interleave(k, dim=0))
 
     # ------------------------------------------------------------------ 2. forward passes
     @torch.no_grad()
@@ -230,17 +253,11 @@ class ExperienceMaker:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def reward_input(self, exp: Experience) -> RewardInput:
-        """What the reward source sees of ``exp``: ids, masks, prompt texts and (when it reads text) the decoded
-        responses, which are also kept in ``exp.extras["responses"]``."""
-        texts: list[str] = []
-        if self.reward_source is not None and self.reward_source.needs_text:
-            texts = exp.extras.get("responses") or self.decode_responses(exp)
-            exp.extras["responses"] = texts
-        return RewardInput(
-            sequences=exp.sequences, attention_mask=exp.attention_mask, prompt_length=exp.prompt_length,
-            action_mask=exp.action_mask, prompts=list(exp.extras.get("prompts", [])), responses=texts,
-            extras={k: v for k, v in exp.extras.items() if not k.startswith("_") and k not in _INTERNAL_EXTRAS},
-        )
+        """What the reward source sees of ``exp`` (:func:`reward_input`); responses are decoded (and kept in
+        ``exp.extras["responses"]``) when the source reads text."""
+        if self.reward_source is not None and self.reward_source.needs_text and "responses" not in exp.extras:
+            exp.extras["responses"] = self.decode_responses(exp)
+        return reward_input(exp)
 
     def score(self, exp: Experience) -> torch.Tensor:
         """``(B,)`` float32 raw scores from the reward source, on ``exp``'s device."""
@@ -269,3 +286,15 @@ class ExperienceMaker:
 
 #: per-row tensors of the experience that are not data a reward function reads
 _INTERNAL_EXTRAS = ("rollout_logprobs", "features")
+
+
+def reward_input(exp: Experience) -> RewardInput:
+    """What a reward source sees of ``exp``: ids, masks, the prompt texts, the decoded responses when
+    ``exp.extras["responses"]`` holds them (else none), and the per-row data of the extras (prompt ids, domains,
+    ``stopped_by_eos``...; not the internal tensors)."""
+    return RewardInput(
+        sequences=exp.sequences, attention_mask=exp.attention_mask, prompt_length=exp.prompt_length,
+        action_mask=exp.action_mask, prompts=list(exp.extras.get("prompts", [])),
+        responses=list(exp.extras.get("responses") or []),
+        extras={k: v for k, v in exp.extras.items() if not k.startswith("_") and k not in _INTERNAL_EXTRAS},
+    )
