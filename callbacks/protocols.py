@@ -121,3 +121,32 @@ class ExperienceAnnotatable(Protocol):
             needs_features: the module must then compute and add ``features`` to the view.
         """
         ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Meta-step schedules (MetaRM): a callback decides, step by step, whether the module's next training step takes its
+# meta step.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class MetaStepScheduled(Protocol):
+    """A module whose training steps may include a meta step that a schedule switches on and off (e.g. MetaRM's
+    gradient-ascent step on the difference loss of policy samples before the reward-model update).
+
+    Attributes:
+        meta_step_enabled: whether the NEXT training step takes the meta step; settable (the schedule sets it before
+            every step, the same value on every rank).
+        meta_steps: number of meta steps taken so far (read-only for callbacks; saved in the module's checkpoints).
+    """
+
+    meta_step_enabled: bool
+    meta_steps: int
+
+    def meta_score_spread(self, batch: object) -> float:
+        """The module's score spread on the meta batch inside ``batch`` (the training batch about to be used), e.g.
+        the mean over prompts of the standard deviation of the scores of their sampled responses: small when the model
+        no longer tells the samples apart. ALREADY averaged over ranks (collective: called on every rank, the same
+        value returned everywhere); ``inf`` when ``batch`` has no meta batch.
+        """
+        ...

@@ -12,6 +12,14 @@ version number ``N`` free in every stage folder (an atomic ``mkdir``, so pipelin
 never another run's; re-runs never overwrite earlier exports. The run's stages, folders and final metrics are written
 to ``<root>/pipeline_version_N.json``. Nothing here is hidden orchestration: the commands it runs are printed, and can
 be run by hand, from any folder (the default configs are the package's ``configs/``).
+
+Iterative MetaRM rounds (spec 3, the paper's order): ``samples`` is ``python -m lightning_rlhf.cli predict -c
+configs/policy_samples/<config>.yaml`` with the latest policy (the last PPO export, else the SFT export), writing
+``<root>/samples/version_N/samples.jsonl``; ``meta_rm`` trains ``configs/meta_rm/<config>.yaml`` from the latest
+reward model (the last RM or MetaRM export, else the SFT export) on those samples (the config's sample-stream
+``train_path`` is replaced in a copy, ``<root>/meta_rm/version_N/input_config.yaml``, that the printed command names);
+``ppo`` then continues from the latest policy with the latest reward model. A stage named twice runs in
+``<root>/<stage>_2/`` and so on.
 """
 
 from __future__ import annotations
@@ -36,10 +44,21 @@ def _policy_from_sft(exports: dict[str, str]) -> list[str]:
 
 
 def _ppo_links(exports: dict[str, str]) -> list[str]:
-    out = _policy_from_sft(exports)
-    if "rm" in exports:  # the trained reward model replaces the config's rule-based reward
-        out += [f"--model.init_args.reward_model_name_or_path={exports['rm']}", "--model.init_args.reward_fn=null"]
+    policy = exports.get("policy")  # the last PPO export (rounds continue from pi_{t-1}), else the SFT export
+    out = [f"--model.init_args.model_name_or_path={policy}"] if policy else []
+    if "reward" in exports:  # the trained reward model (RM or MetaRM) replaces the config's rule-based reward
+        out += [f"--model.init_args.reward_model_name_or_path={exports['reward']}", "--model.init_args.reward_fn=null"]
     return out
+
+
+def _samples_links(exports: dict[str, str]) -> list[str]:
+    policy = exports.get("policy")
+    return [f"--model.init_args.model_name_or_path={policy}"] if policy else []
+
+
+def _meta_rm_links(exports: dict[str, str]) -> list[str]:
+    start = exports.get("reward") or exports.get("sft")  # MetaRM_t starts from RM_{t-1}
+    return [f"--model.init_args.model_name_or_path={start}"] if start else []
 
 
 STAGES: dict[str, Linker] = {
@@ -47,7 +66,28 @@ STAGES: dict[str, Linker] = {
     "rm": _policy_from_sft,
     "dpo": _policy_from_sft,
     "ppo": _ppo_links,
+    "samples": _samples_links,
+    "meta_rm": _meta_rm_links,
 }
+#: which role a stage's export takes for the stages after it
+ROLES = {"sft": "policy", "ppo": "policy", "rm": "reward", "meta_rm": "reward", "samples": "samples"}
+#: stages that are a ``predict`` pass writing a file rather than a ``fit`` exporting a folder
+PREDICT_STAGES = {"samples": "policy_samples"}
+
+
+def _meta_rm_config(config: str, target: Path, exports: dict[str, str]) -> str:
+    """A copy of a MetaRM config whose sample stream reads the latest ``samples`` stage's file."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    if "samples" in exports:
+        stream = cfg["data"]["init_args"]["streams"]["samples"]
+        stream.setdefault("init_args", {})["train_path"] = exports["samples"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(target)
+
+
 
 
 @dataclass
@@ -83,34 +123,49 @@ def reserve_version(root: Path, stages: list[str]) -> int:
 
 
 def run_stage(stage: str, config: str, root: Path, exports: dict[str, str], extra: list[str],
-              version: int | None = None) -> StageResult:
+              version: int | None = None, name: str | None = None) -> StageResult:
     """Run one stage through the CLI in this process and return where its logs and export went.
 
     Args:
-        stage: ``sft``, ``rm``, ``dpo`` or ``ppo``.
+        stage: ``sft``, ``rm``, ``dpo``, ``ppo``, ``samples`` or ``meta_rm``.
         config: The stage's config file.
-        root: Logs go to ``<root>/<stage>/version_<version>``.
-        exports: Export folders of the earlier stages of this pipeline run.
+        root: Logs go to ``<root>/<name>/version_<version>``.
+        exports: Export folders (and roles: ``policy``, ``reward``, ``samples``) of the earlier stages of this run.
         extra: More CLI overrides.
         version: The logger version (the folder's number); ``None``: the next free one.
+        name: The stage's folder under ``root`` (default: the stage; ``<stage>_2`` for a stage's second run).
     """
     from lightning_rlhf.cli import main, quiet_libraries
 
+    name = name or stage
+    logger = [f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={name}",
+              *([f"--trainer.logger.init_args.version={version}"] if version is not None else [])]
+    run_dir = root / name / (f"version_{version}" if version is not None else "")
+    quiet_libraries(lightning_info=False)
+    if stage in PREDICT_STAGES:
+        output = run_dir / "samples.jsonl"
+        args = ["predict", "-c", config, f"--model.init_args.output_path={output}",  # (the pass logs nothing)
+                *STAGES[stage](exports), *extra]
+        print(f"\n=== {name}: python -m lightning_rlhf.cli {' '.join(args)}", flush=True)
+        start = time.time()
+        main(args)
+        result = StageResult(stage, args, time.time() - start, str(run_dir), str(output))
+        print(f"=== {name} done in {result.seconds:.0f} s: samples {output}", flush=True)
+        return result
+    if stage == "meta_rm":
+        config = _meta_rm_config(config, run_dir / "input_config.yaml", exports)
     args = [
         "fit",
         "-c",
         config,
-        f"--trainer.logger.init_args.save_dir={root}",
-        f"--trainer.logger.init_args.name={stage}",
-        *([f"--trainer.logger.init_args.version={version}"] if version is not None else []),
+        *logger,
         "--model.init_args.export_dir=auto",  # <log dir>/export: the run's own folder
         "--trainer.enable_model_summary=false",
         *STAGES[stage](exports),
         *extra,
     ]
-    print(f"\n=== {stage}: python -m lightning_rlhf.cli {' '.join(args)}", flush=True)
+    print(f"\n=== {name}: python -m lightning_rlhf.cli {' '.join(args)}", flush=True)
     start = time.time()
-    quiet_libraries(lightning_info=False)
     cli = main(args)
     metrics = {
         k: float(v)
@@ -119,7 +174,7 @@ def run_stage(stage: str, config: str, root: Path, exports: dict[str, str], extr
     }
     export_dir = cli.model.resolved_export_dir()
     result = StageResult(stage, args, time.time() - start, str(cli.trainer.log_dir), export_dir, metrics)
-    print(f"=== {stage} done in {result.seconds:.0f} s: logs {result.log_dir}, export {export_dir}", flush=True)
+    print(f"=== {name} done in {result.seconds:.0f} s: logs {result.log_dir}, export {export_dir}", flush=True)
     return result
 
 
@@ -146,26 +201,33 @@ def main(argv: list[str] | None = None) -> list[StageResult]:
             parser.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE in {stages}")
         overrides[stage].append(f"--{kv}")
     root = Path(args.root)
-    configs = {stage: Path(args.configs) / stage / f"{args.config_name}.yaml" for stage in stages}
-    for stage, config in configs.items():
+    runs: dict[str, int] = {}
+    names = []  # the stages' folders: a stage named twice runs in <stage>_2, and so on
+    for stage in stages:
+        runs[stage] = runs.get(stage, 0) + 1
+        names.append(stage if runs[stage] == 1 else f"{stage}_{runs[stage]}")
+    configs = [Path(args.configs) / PREDICT_STAGES.get(stage, stage) / f"{args.config_name}.yaml" for stage in stages]
+    for stage, config in zip(stages, configs):
         if not config.exists():
             parser.error(f"no config {config} for stage {stage!r}")
-    version = reserve_version(root, stages)
-    print(f"=== pipeline run version_{version}: stages {', '.join(stages)} under {root}", flush=True)
+    version = reserve_version(root, names)
+    print(f"=== pipeline run version_{version}: stages {', '.join(names)} under {root}", flush=True)
     exports: dict[str, str] = {}
     results = []
-    for stage in stages:
-        result = run_stage(stage, str(configs[stage]), root, exports, overrides[stage], version=version)
+    for stage, name, config in zip(stages, names, configs):
+        result = run_stage(stage, str(config), root, exports, overrides[stage], version=version, name=name)
         if result.export_dir is None:
-            raise RuntimeError(f"stage {stage} exported nothing (model.export_dir: null?): the next stages need it")
+            raise RuntimeError(f"stage {name} exported nothing (model.export_dir: null?): the next stages need it")
         exports[stage] = result.export_dir
+        if stage in ROLES:
+            exports[ROLES[stage]] = result.export_dir
         results.append(result)
     summary = root / f"pipeline_version_{version}.json"
     summary.write_text(json.dumps([vars(r) for r in results], indent=1))
     print("\n=== pipeline summary")
     for r in results:
         shown = {k: round(v, 4) for k, v in sorted(r.metrics.items()) if not k.endswith(("grad_norm", "/lr", "nonfinite_steps"))}
-        print(f"{r.stage:>4}: {r.seconds:6.1f} s  logs {r.log_dir}  export {r.export_dir}")
+        print(f"{r.stage:>7}: {r.seconds:6.1f} s  logs {r.log_dir}  export {r.export_dir}")
         print(f"      {json.dumps(shown)}")
     print(f"TensorBoard: tensorboard --logdir {root}   (this run: version_{version}; summary {summary})")
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import struct
@@ -33,7 +34,12 @@ def _largest_record_data_offset(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("ckpt")
-    main([*SFT, *_overlay(tmp, "run", 2)])
+    cwd = os.getcwd()
+    os.chdir(tmp)  # the run's config.yaml goes to the working directory (no logger)
+    try:
+        main([*SFT, *_overlay(tmp, "run", 2)])
+    finally:
+        os.chdir(cwd)
     path = tmp / "run_ckpt" / "last.ckpt"
     verify_checkpoint(str(path))  # a freshly written checkpoint passes
     return path

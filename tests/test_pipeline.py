@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -83,3 +84,26 @@ def test_two_pipelines_started_together_with_one_root_chain_their_own_exports(in
     assert sft_exports[0] != sft_exports[1]
     a, b = (load_file(str(Path(e) / "model.safetensors")) for e in sft_exports)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # two different SFT models, each chained into its own DPO
+
+
+@pytest.mark.slow  # 4 CLI runs: ~1 min of CPU, several minutes on a busy machine
+def test_pipeline_runs_a_metarm_round(in_tmp):
+    """rm -> samples (policy-samples pass) -> meta_rm (from the RM export, on those samples) -> ppo (with MetaRM)."""
+    results = main([
+        "--configs", str(REPO / "configs"), "--root", "runs/round", "--stages", "rm,samples,meta_rm,ppo",
+        "--set", "rm:trainer.max_steps=2", "--set", "samples:data.init_args.max_train_rows=8",
+        "--set", "meta_rm:trainer.max_steps=2", "--set", "meta_rm:trainer.val_check_interval=2",
+        "--set", "ppo:model.init_args.max_iterations=1",
+    ])
+    by_stage = {r.stage: r for r in results}
+    assert list(by_stage) == ["rm", "samples", "meta_rm", "ppo"]
+    samples = Path(by_stage["samples"].export_dir)
+    assert samples == Path("runs/round/samples/version_0/samples.jsonl") and len(samples.read_text().splitlines()) == 8
+    meta_dir = Path(by_stage["meta_rm"].log_dir)
+    assert meta_dir == Path("runs/round/meta_rm/version_0")
+    cfg = yaml.safe_load((meta_dir / "config.yaml").read_text())  # the config the CLI ran with
+    assert cfg["model"]["init_args"]["model_name_or_path"] == by_stage["rm"].export_dir  # MetaRM_t from RM_{t-1}
+    assert cfg["data"]["init_args"]["streams"]["samples"]["init_args"]["train_path"] == str(samples)
+    assert by_stage["meta_rm"].metrics["train/meta_steps"] == 2
+    ppo = yaml.safe_load((Path(by_stage["ppo"].log_dir) / "config.yaml").read_text())["model"]["init_args"]
+    assert ppo["reward_model_name_or_path"] == by_stage["meta_rm"].export_dir and ppo["reward_fn"] is None

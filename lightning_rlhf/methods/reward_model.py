@@ -79,8 +79,11 @@ class RewardModelModule(RLHFModule):
         scores = self.reward_model(batch.input_ids, batch.attention_mask)
         return scores[:B], scores[B:], None
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        self.reward_model.train()
+    def preference_backward(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of ``L`` over the micro-batches of ``batch`` (DDP all-reduce on the last one only).
+
+        Leaves ``dL/dtheta`` (at the current parameters) in ``.grad`` and steps nothing. Returns the detached loss
+        ``()`` and the chosen and rejected scores ``(B,)`` each."""
         B = batch.num_pairs
         chunks = self.micro_batches(B)
         total = torch.zeros((), device=self.device)
@@ -96,24 +99,32 @@ class RewardModelModule(RLHFModule):
             total += loss.detach()
             chosen_all.append(r_w.detach())
             rejected_all.append(r_l.detach())
-        r_w, r_l = torch.cat(chosen_all), torch.cat(rejected_all)
+        return total, torch.cat(chosen_all), torch.cat(rejected_all)
+
+    def train_metrics(
+        self, total: torch.Tensor, r_w: torch.Tensor, r_l: torch.Tensor, grad_norm: torch.Tensor
+    ) -> dict[str, torch.Tensor | float]:
+        """The per-step metrics logged by :meth:`training_step`."""
+        scores = torch.cat([r_w, r_l])
+        return {
+            "train/loss": total,
+            "train/accuracy": (r_w > r_l).float().mean(),
+            "train/margin": (r_w - r_l).mean(),
+            "train/score_mean": scores.mean(),
+            "train/score_std": scores.std(),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.current_lr(),
+        }
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        self.reward_model.train()
+        total, r_w, r_l = self.preference_backward(batch)
         scores = torch.cat([r_w, r_l])
         grad_norm = self.optimizer_update(total, watch=scores)  # skips (or stops on) non-finite loss/rewards/grads
         self.iteration += 1
         if self.is_logging_step():
-            acc = (r_w > r_l).float().mean()
-            self.log_train_step(
-                {
-                    "train/loss": total,
-                    "train/accuracy": acc,
-                    "train/margin": (r_w - r_l).mean(),
-                    "train/score_mean": scores.mean(),
-                    "train/score_std": scores.std(),
-                    "train/grad_norm": grad_norm,
-                    "train/lr": self.current_lr(),
-                },
-                {"loss": total, "acc": acc}, batch_size=B,
-            )
+            metrics = self.train_metrics(total, r_w, r_l, grad_norm)
+            self.log_train_step(metrics, {"loss": total, "acc": metrics["train/accuracy"]}, batch_size=batch.num_pairs)
         return total
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:

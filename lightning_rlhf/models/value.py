@@ -54,7 +54,7 @@ class ScalarHeadModel(nn.Module):
             return_hidden: Also return the trunk's last hidden states ``(B, T, H)``.
 
         Returns:
-            ``(B, T)`` float32 values (and the hidden states when asked).
+            ``(B, T)`` float32 values (float64 for a float64 model), and the hidden states when asked.
         """
         if not self.per_token:
             raise TypeError(
@@ -68,7 +68,7 @@ class ScalarHeadModel(nn.Module):
             use_cache=False,
         )
         hidden = out[0]  # (B, T, H)
-        values = self.hf_model.score(hidden).squeeze(-1).float()  # (B, T)
+        values = _at_least_float32(self.hf_model.score(hidden).squeeze(-1))  # (B, T)
         return (values, hidden) if return_hidden else values
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -79,10 +79,10 @@ class ScalarHeadModel(nn.Module):
             attention_mask: ``(B, T)``.
 
         Returns:
-            ``(B,)`` float32 scores.
+            ``(B,)`` float32 scores (float64 for a float64 model).
         """
         if not self.per_token:
-            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+            return _at_least_float32(self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0])
         return self.read_scores(self.token_values(input_ids, attention_mask), input_ids, attention_mask)
 
     def read_scores(self, values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,11 @@ class ScalarHeadModel(nn.Module):
     def save_pretrained(self, directory: str, **kwargs: Any) -> None:
         """Save as a plain Hugging Face sequence-classification folder."""
         self.hf_model.save_pretrained(directory, **kwargs)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """16-bit outputs as float32; float32 and float64 ones (exactness tests) unchanged."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def load_scalar_model(
