@@ -1,5 +1,7 @@
 """One LightningModule per method."""
 
+from lightning_rlhf.methods.aihf import AIHFModule
+from lightning_rlhf.methods.aihf_dpo import AIHFDPOModule
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.contrastive import BaselineSamplerModule, ContrastivePPOModule
 from lightning_rlhf.methods.dpo import DPOModule
@@ -11,6 +13,7 @@ from lightning_rlhf.methods.reward_model import RewardModelModule
 from lightning_rlhf.methods.sft import SFTModule
 
 __all__ = [
-    "BaselineSamplerModule", "ContrastivePPOModule", "DPOModule", "GILModule", "MetaRewardModelModule",
+    "AIHFDPOModule", "AIHFModule", "BaselineSamplerModule", "ContrastivePPOModule", "DPOModule", "GILModule",
+    "MetaRewardModelModule",
     "PolicySamplesModule", "PPOModule", "RLHFModule", "RewardModelModule", "SFTModule",
 ]

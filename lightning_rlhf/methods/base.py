@@ -10,6 +10,8 @@ What it gives a method:
 * Gradient clipping by global norm (``Trainer(gradient_clip_val=...)`` is not allowed with manual optimization).
 * An ``iteration`` counter saved in checkpoints (``trainer.global_step`` counts optimizer steps).
 * Frozen models (reference, reward) kept out of checkpoints: list their attribute names in ``frozen_modules``.
+* Other model roles (``lightning_rlhf/models/roles.py``): snapshots of a trained model (``snapshot_roles``, saved in
+  checkpoints, refreshed by the method) and several optimizers, one per trained model (``optimizer_roles``).
 * Export of the trained model as a plain Hugging Face folder at the end of ``fit`` (:meth:`export_pretrained`),
   gathering full weights first under FSDP and DeepSpeed ZeRO-3.
 * A guard against non-finite losses and gradients (``on_nonfinite``): the step is skipped and counted, or the run
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.models.factory import DType, check_model_path, load_tokenizer
+from lightning_rlhf.models.roles import OptimizerRole, Snapshot
 from lightning_rlhf.rollout.engine import StaticCacheGenerator
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask
 
@@ -89,6 +92,12 @@ class RLHFModule(L.LightningModule):
     frozen_modules: tuple[str, ...] = ()
     #: attribute names of the causal LMs that get LoRA adapters when ``lora_r > 0`` (empty: LoRA not supported)
     lora_targets: tuple[str, ...] = ()
+    #: snapshot attribute -> attribute of the model it copies (``{"opponent": "policy"}``): built after the models
+    #: (and their LoRA adapters), frozen, kept out of the optimizers, saved in checkpoints (models/roles.py)
+    snapshot_roles: dict[str, str] = {}
+    #: names of the optimizers :meth:`optimizer_roles` returns, in order (known before the models are built, for the
+    #: start-time strategy checks)
+    optimizer_role_names: tuple[str, ...] = ("main",)
 
     def __init__(
         self,
@@ -163,6 +172,8 @@ class RLHFModule(L.LightningModule):
             for name in self.lora_targets:
                 setattr(self, name, apply_lora(getattr(self, name), self.lora_r, self.lora_alpha, self.lora_dropout,
                                                self.lora_target_modules))
+        for name, source in self.snapshot_roles.items():
+            setattr(self, name, Snapshot(getattr(self, source)))
         self._models_built = True
         # ZeRO-3 partitions parameters while they are built: its ``ds_shape`` keeps the full shape
         self._param_ndims = {n: len(getattr(p, "ds_shape", p.shape)) for n, p in self.named_parameters()}
@@ -186,7 +197,7 @@ class RLHFModule(L.LightningModule):
         return self.decay_groups(self.trainable_parameters_named(), self.lr)
 
     def trainable_parameters_named(self) -> Iterator[tuple[str, nn.Parameter]]:
-        frozen = tuple(f"{m}." for m in self.frozen_modules)
+        frozen = tuple(f"{m}." for m in (*self.frozen_modules, *self.snapshot_roles))
         for name, p in self.named_parameters():
             if p.requires_grad and not name.startswith(frozen):
                 yield name, p
@@ -207,16 +218,57 @@ class RLHFModule(L.LightningModule):
         """Optimizer steps in this run, for the LR schedule. Override when one training_step makes several."""
         return int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
 
+    def optimizer_roles(self) -> list[OptimizerRole]:
+        """One role per optimizer (models/roles.py). Default: one, ``main``, over :meth:`param_groups`. A method that
+        trains a second model with its own optimizer (AIHF's reward model) returns one role per model and steps each
+        with ``optimizer_update(role=name)``; the roles' parameters must not overlap."""
+        return [OptimizerRole("main", self.param_groups(), self.lr)]
+
     def configure_optimizers(self) -> Any:
-        groups = self.param_groups()
-        if not groups:
-            raise RuntimeError(f"{type(self).__name__} has no trainable parameters.")
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay)
-        total = self.total_optimizer_steps()
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, self.warmup_steps, total, self.lr_schedule)
-        )
-        return [optimizer], [scheduler]
+        roles = self.optimizer_roles()
+        if tuple(r.name for r in roles) != tuple(self.optimizer_role_names):
+            raise RuntimeError(f"{type(self).__name__}.optimizer_roles() returned {[r.name for r in roles]}, but its "
+                               f"optimizer_role_names are {list(self.optimizer_role_names)}")
+        optimizers, schedulers = [], []
+        seen: set[int] = set()
+        for role in roles:
+            ids = {id(p) for g in role.param_groups for p in g["params"]}
+            if ids & seen:
+                raise RuntimeError(f"{type(self).__name__}: optimizer role {role.name!r} shares parameters with an "
+                                   "earlier role (each parameter must have exactly one optimizer)")
+            seen |= ids
+            if not role.param_groups:
+                raise RuntimeError(f"{type(self).__name__} has no trainable parameters"
+                                   + ("." if len(roles) == 1 else f" in optimizer role {role.name!r}."))
+            optimizer = torch.optim.AdamW(role.param_groups, lr=role.lr, betas=self.adam_betas,
+                                          weight_decay=self.weight_decay)
+            total = role.total_steps if role.total_steps is not None else self.total_optimizer_steps()
+            warmup = role.warmup_steps if role.warmup_steps is not None else self.warmup_steps
+            schedule = role.schedule or self.lr_schedule
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s, w=warmup, t=total, k=schedule: lr_lambda(s, w, t, k)
+            )
+            optimizers.append(optimizer)
+            schedulers.append(scheduler)
+        return optimizers, schedulers
+
+    def _role_index(self, role: str | None) -> int:
+        names = list(self.optimizer_role_names)
+        if role is None:
+            return 0
+        if role not in names:
+            raise KeyError(f"{type(self).__name__}: no optimizer role {role!r} (roles: {names})")
+        return names.index(role)
+
+    def _role_optimizer_and_scheduler(self, role: str | None) -> tuple[Any, Any]:
+        """The (Lightning-wrapped) optimizer and LR scheduler of ``role`` (``None``: the first)."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if isinstance(opt, list):
+            i = self._role_index(role)
+            return opt[i], (sched[i] if isinstance(sched, list) else sched)
+        if role is not None:
+            self._role_index(role)  # one optimizer: only its own name is valid
+        return opt, sched
 
     def micro_batches(self, n: int) -> list[tuple[int, int]]:
         """``(start, stop)`` ranges that split ``n`` examples into micro-batches of ``micro_batch_size``."""
@@ -324,6 +376,12 @@ class RLHFModule(L.LightningModule):
                     "gradient_accumulation_steps is 1; ZeRO-2 keeps only the last pass's gradients). Set "
                     "model.micro_batch_size: null and a smaller data.batch_size, or use strategy fsdp."
                 )
+            if len(self.optimizer_role_names) > 1:
+                names = ", ".join(self.optimizer_role_names)
+                raise ValueError(
+                    f"{type(self).__name__} trains several models with their own optimizers ({names}), and the "
+                    "DeepSpeed engine drives one optimizer only; use trainer.strategy: ddp (or fsdp) for this method."
+                )
             if self.on_nonfinite != "stop":
                 raise ValueError(
                     "model.on_nonfinite: skip cannot undo a step under DeepSpeed (the engine reduces and applies the "
@@ -352,6 +410,12 @@ class RLHFModule(L.LightningModule):
             raise ValueError(
                 "model.rollout_engine: static has not been verified with sharded parameters (FSDP, DeepSpeed ZeRO-3) "
                 "yet; use model.rollout_engine: hf there, or strategy ddp / deepspeed_stage_2."
+            )
+        if self.snapshot_roles and sharded:
+            raise ValueError(
+                f"{type(self).__name__} keeps a snapshot of a trained model ({', '.join(self.snapshot_roles)}), which "
+                "is copied parameter by parameter and has not been verified with sharded parameters (FSDP, DeepSpeed "
+                "ZeRO-3) yet; use trainer.strategy: ddp or deepspeed_stage_2."
             )
         if self.lora_r > 0 and sharded:
             raise ValueError(
@@ -393,7 +457,8 @@ class RLHFModule(L.LightningModule):
         log.warning("Skipping the update at %s (model.on_nonfinite=skip; %d skipped so far).", where,
                     self.nonfinite_steps)
 
-    def optimizer_update(self, loss: torch.Tensor | None = None, watch: torch.Tensor | None = None) -> torch.Tensor:
+    def optimizer_update(self, loss: torch.Tensor | None = None, watch: torch.Tensor | None = None,
+                         role: str | None = None) -> torch.Tensor:
         """Check, clip, step the optimizer and the LR scheduler, zero the gradients. Returns the pre-clip gradient norm.
 
         Args:
@@ -403,10 +468,12 @@ class RLHFModule(L.LightningModule):
                 stops (``stop``).
             watch: Other values of the step that must be finite, e.g. rewards (an infinite reward can give a
                 finite loss).
+            role: Which optimizer (:meth:`optimizer_roles`) to step; ``None``: the first (the only one of most
+                methods). Clipping and the norm cover that optimizer's parameters only (under FSDP: every parameter
+                holding a gradient, so do one role's backward and step at a time).
         """
-        opt = self.optimizers()
+        opt, sched = self._role_optimizer_and_scheduler(role)
         kind = self.strategy_kind()
-        sched = self.lr_schedulers()
         if kind == "deepspeed":
             # the engine clips (config gradient_clipping) and steps; on_nonfinite is "stop" here (check_strategy)
             if self._nonfinite_decision(loss, None, watch):
@@ -454,8 +521,10 @@ class RLHFModule(L.LightningModule):
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
     # --- strategies and non-finite guard: end ---
 
-    def current_lr(self) -> float:
-        return float(self.optimizers().optimizer.param_groups[0]["lr"])
+    def current_lr(self, role: str | None = None) -> float:
+        """Learning rate of ``role``'s optimizer (``None``: the first) at this step."""
+        opt, _ = self._role_optimizer_and_scheduler(role)
+        return float(opt.optimizer.param_groups[0]["lr"])
 
     def is_logging_step(self) -> bool:
         """Whether this training step's per-step metrics are logged: the steps Lightning writes to the logger
@@ -488,6 +557,14 @@ class RLHFModule(L.LightningModule):
         self.iteration = int(checkpoint.get("iteration", 0))
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         self.configure_model()
+        keys = checkpoint.get("state_dict", {})
+        for name in self.snapshot_roles:  # loading is not strict (frozen models are absent): check these here
+            if f"{name}.taken_at" not in keys:
+                raise RuntimeError(
+                    f"The checkpoint has no weights for {type(self).__name__}'s snapshot {name!r} (a copy of "
+                    f"{self.snapshot_roles[name]} taken during training, which cannot be rebuilt): it was not written "
+                    "by this method. Start a new run instead of resuming from it (ckpt_path)."
+                )
 
     # ------------------------------------------------------------------ export
     def export_model(self) -> nn.Module:
