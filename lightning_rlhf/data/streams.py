@@ -90,8 +90,9 @@ def build_stream(name: str, spec: Any) -> _TextDataModule:
         return cls(**init_args)
     except TypeError as e:
         raise ValueError(f"{where}.init_args: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    except ValueError as e:  # a data module names its own flags data.<field>: here they are the stream's
+        msg = str(e)
+        raise ValueError(f"{where}: {msg[len('data.'):] if msg.startswith('data.') else msg}") from None
 
 
 class _StreamCursor:
