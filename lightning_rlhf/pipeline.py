@@ -20,6 +20,10 @@ reward model (the last RM or MetaRM export, else the SFT export) on those sample
 ``train_path`` is replaced in a copy, ``<root>/meta_rm/version_N/input_config.yaml``, that the printed command names);
 ``ppo`` then continues from the latest policy with the latest reward model. A stage named twice runs in
 ``<root>/<stage>_2/`` and so on.
+
+AIHF in one stage, in place of SFT -> RM -> PPO: ``--stages aihf`` (Self-Play AIHF, ``configs/aihf/tiny.yaml``), with
+``--config-name tiny_nll`` (AIHF-DPO) or ``tiny_rlhf`` (explicit reward model + PPO); after an ``sft`` stage it
+starts from the SFT export.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ STAGES: dict[str, Linker] = {
     "ppo": _ppo_links,
     "samples": _samples_links,
     "meta_rm": _meta_rm_links,
+    "aihf": _policy_from_sft,  # one stage in place of sft -> rm -> ppo (configs/aihf/<config>.yaml)
 }
 #: which role a stage's export takes for the stages after it
-ROLES = {"sft": "policy", "ppo": "policy", "rm": "reward", "meta_rm": "reward", "samples": "samples"}
+ROLES = {"sft": "policy", "ppo": "policy", "aihf": "policy", "rm": "reward", "meta_rm": "reward", "samples": "samples"}
 #: stages that are a ``predict`` pass writing a file rather than a ``fit`` exporting a folder
 PREDICT_STAGES = {"samples": "policy_samples"}
 

@@ -216,3 +216,23 @@ def test_grpo_tiny_config_raises_the_score_with_no_critic(tmp_path):
     assert len(scores) == cfg["model"]["init_args"]["max_iterations"]
     first, last = _mean(scores[:4]), _mean(scores[-4:])
     assert last > first + 2.0, scores
+
+
+def test_gil_callbacks_work_with_critic_free_grpo(tmp_path):
+    """GroupInference + AdaptiveExploration on GRPO with no critic: the features are the policy's last-token hidden
+    state (feature_source critic falls back to the policy when there is no critic), and every rollout's KL
+    coefficient is ``kl_coef * q(g_high | tau_i)`` (the paper's form)."""
+    from callbacks.adaptive_exploration import AdaptiveExploration
+    from callbacks.group_inference import GroupInference
+
+    module = _module(max_iterations=2, kl_coef=0.05, n_samples_per_prompt=2)
+    captured: list[Experience] = []
+    compute = module.compute_advantages
+    module.compute_advantages = lambda exp: captured.append(compute(exp)) or captured[-1]  # type: ignore
+    _fit(tmp_path, module, callbacks=[GroupInference(num_groups=2), AdaptiveExploration()])
+    assert module.critic is None and len(captured) == 2
+    view = module.rollout_view()
+    assert view["features"].shape == (len(captured[-1]), module.policy.config.hidden_size)
+    for exp in captured:
+        q, g_high = exp.extras["group_posterior"], int(exp.extras["group_high"][0])
+        torch.testing.assert_close(exp.kl_coef, 0.05 * q[:, g_high].float(), rtol=1e-6, atol=0)

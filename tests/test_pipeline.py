@@ -107,3 +107,15 @@ def test_pipeline_runs_a_metarm_round(in_tmp):
     assert by_stage["meta_rm"].metrics["train/meta_steps"] == 2
     ppo = yaml.safe_load((Path(by_stage["ppo"].log_dir) / "config.yaml").read_text())["model"]["init_args"]
     assert ppo["reward_model_name_or_path"] == by_stage["meta_rm"].export_dir and ppo["reward_fn"] is None
+
+
+def test_pipeline_runs_aihf_as_one_stage(in_tmp):
+    """``--stages aihf``: Self-Play AIHF in place of SFT -> RM -> PPO, in the run's version folder, exporting a policy."""
+    results = main(["--stages", "aihf", "--root", "runs/aihf", "--set", "aihf:trainer.max_steps=2",
+                    "--set", "aihf:trainer.limit_val_batches=0", "--set", "aihf:trainer.enable_progress_bar=false"])
+    assert [r.stage for r in results] == ["aihf"]
+    assert Path(results[0].export_dir) == Path("runs/aihf/aihf/version_0/export")
+    assert (Path(results[0].export_dir) / "model.safetensors").exists()
+    cfg = yaml.safe_load((Path(results[0].log_dir) / "config.yaml").read_text())
+    assert cfg["model"]["class_path"].endswith("AIHFDPOModule") and cfg["model"]["init_args"]["demo_term"] == "spin"
+
