@@ -1,15 +1,18 @@
-"""PPO for language models with PPO-max defaults (spec 1.4), as one LightningModule under manual optimization.
+"""PPO for language models with PPO-max defaults (spec 1.4), as one LightningModule under manual optimization, and
+the critic-free estimators (GRPO, RLOO, REINFORCE++) as options of the same iteration.
 
-One ``training_step(prompt_batch)`` = one PPO iteration, read top to bottom:
+One ``training_step(prompt_batch)`` = one iteration, read top to bottom:
 
-1. :meth:`PPOModule.make_experience` (no grad, eval mode): sample responses, then micro-batched scoring passes
-   for old log-probs, reference log-probs, critic values and the sequence scores.
+1. :meth:`PPOModule.make_experience` (no grad, eval mode; ``lightning_rlhf/rollout/maker.py``): sample
+   ``n_samples_per_prompt`` responses per prompt, then micro-batched passes for old log-probs, reference log-probs,
+   critic values (none with ``critic: none``) and the sequence scores; samples with a non-finite score are dropped.
 2. :meth:`PPOModule.shape_scores`: ``transform_scores`` hook -> running reward normalisation -> no-EOS penalty.
-3. :meth:`PPOModule.compute_advantages`: per-token KL, per-sample ``kl_coef`` (B,), token rewards, GAE,
-   advantage whitening reduced across ranks.
-4. :meth:`PPOModule.ppo_update`: ``ppo_epochs x minibatches x micro-batches`` of clipped policy + value losses,
-   gradient accumulation over micro-batches, one optimizer step per minibatch.
-5. Rank-reduced, detached statistics are logged and kept for callbacks (``last_rollout_stats``).
+3. :meth:`PPOModule.compute_advantages`: per-token KL, per-sample ``kl_coef`` (B,) after the callbacks' experience
+   hooks (:meth:`PPOModule.annotate_experience`), token rewards, then the ``advantage`` estimator: GAE with whitening
+   reduced across ranks, or a group / batch estimator from ``lightning_rlhf/advantages.py``.
+4. :meth:`PPOModule.ppo_update`: ``ppo_epochs x minibatches x micro-batches`` of clipped policy (+ value, + KL,
+   + ptx) losses, gradient accumulation over micro-batches, one optimizer step per minibatch.
+5. Rank-reduced, detached statistics are logged and kept for callbacks (``last_rollout_stats``, ``rollout_view``).
 
 ``trainer.global_step`` counts optimizer steps (``ppo_epochs * ceil(rollout_batch / mini_batch_size)`` per
 iteration); use ``model.max_iterations`` to stop after a number of PPO iterations.
