@@ -24,10 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_rlhf.atomic import atomic_write_path
 from lightning_rlhf.sample_sets import SampleSetFileError, append_records, prompt_seed, read_part_file
-from lightning_rlhf.sample_sets import repair_part_file, sample_seed
-from lightning_rlhf.sample_sets import dumps_record as _dumps
+from lightning_rlhf.sample_sets import repair_part_file, sample_seed, write_sorted_records
 from lightning_rlhf.sample_sets import is_number as _is_number
 from lightning_rlhf.sample_sets import parse_json_line as _parse_json_line
 
@@ -107,30 +105,20 @@ def baseline_record(
     return record
 
 
+def _baseline_table(rows: list[Mapping[str, Any]]) -> Any:
+    import pyarrow as pa
+
+    columns = ("prompt_id", "baseline", "count", "scores", "agg")
+    table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in columns})
+    if any("quantile_q" in r for r in rows):
+        table = table.append_column("quantile_q", pa.array([r.get("quantile_q") for r in rows], pa.float64()))
+    return table
+
+
 def write_baseline_file(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write records sorted by ``prompt_id`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    ``.parquet`` writes a parquet table (needs ``pyarrow``); anything else writes JSON lines.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    rows = sorted(records, key=lambda r: r["prompt_id"])
-    with atomic_write_path(path, prefix=f".{path.name}.tmp-") as tmp:
-        if path.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            columns = ("prompt_id", "baseline", "count", "scores", "agg")
-            table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in columns})
-            if any("quantile_q" in r for r in rows):
-                table = table.append_column("quantile_q", pa.array([r.get("quantile_q") for r in rows], pa.float64()))
-            pq.write_table(table, tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.writelines(_dumps(r) + "\n" for r in rows)
-    return path
+    """Write baseline records sorted by ``prompt_id`` to ``path`` atomically; ``.parquet`` writes a parquet table
+    (needs ``pyarrow``), anything else JSON lines. Returns the path written."""
+    return write_sorted_records(path, records, _baseline_table)
 
 
 def _check_record(obj: Any, where: str) -> tuple[str, float]:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,10 +85,10 @@ def sample_set_record(prompt_id: str, prompt: str, responses: Sequence[str], sco
     return record
 
 
-def write_sample_set_file(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write records sorted by ``prompt_id`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    ``.parquet`` writes a parquet table (needs ``pyarrow``); anything else writes JSON lines.
+def write_sorted_records(path: str | os.PathLike, records: Iterable[Mapping[str, Any]],
+                         parquet_table: Callable[[list[Mapping[str, Any]]], Any]) -> Path:
+    """Write records sorted by ``prompt_id`` to ``path`` atomically (temp file in the same folder, fsync, rename):
+    ``.parquet`` as the ``pyarrow`` table ``parquet_table(rows)`` builds, anything else as JSON lines.
 
     Returns:
         The path written.
@@ -97,18 +97,28 @@ def write_sample_set_file(path: str | os.PathLike, records: Iterable[Mapping[str
     rows = sorted(records, key=lambda r: r["prompt_id"])
     with atomic_write_path(path, prefix=f".{path.name}.tmp-") as tmp:
         if path.suffix == ".parquet":
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            columns = [c for c in SAMPLE_SET_FIELDS if c != "scores" or any("scores" in r for r in rows)]
-            types = {"prompt_id": pa.string(), "prompt": pa.string(), "responses": pa.list_(pa.string()),
-                     "scores": pa.list_(pa.float64()), "domain": pa.string()}
-            table = pa.table({c: pa.array([r.get(c) for r in rows], types[c]) for c in columns})
-            pq.write_table(table, tmp)
+            pq.write_table(parquet_table(rows), tmp)
         else:
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
                 f.writelines(dumps_record(r) + "\n" for r in rows)
     return path
+
+
+def _sample_set_table(rows: list[Mapping[str, Any]]) -> Any:
+    import pyarrow as pa
+
+    columns = [c for c in SAMPLE_SET_FIELDS if c != "scores" or any("scores" in r for r in rows)]
+    types = {"prompt_id": pa.string(), "prompt": pa.string(), "responses": pa.list_(pa.string()),
+             "scores": pa.list_(pa.float64()), "domain": pa.string()}
+    return pa.table({c: pa.array([r.get(c) for r in rows], types[c]) for c in columns})
+
+
+def write_sample_set_file(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
+    """Write sample-set records sorted by ``prompt_id`` to ``path`` atomically; ``.parquet`` writes a parquet table
+    (needs ``pyarrow``), anything else JSON lines. Returns the path written."""
+    return write_sorted_records(path, records, _sample_set_table)
 
 
 @dataclass
