@@ -243,7 +243,7 @@ class PolicyEval:
                           for r, m in zip(resp, out.action_mask)]
             lengths += out.action_mask.sum(-1).tolist()
             prompts += [p for p in b.prompts for _ in range(self.samples)]
-        return {**self.judge_texts(prompts, responses), "length": statistics.fmean(lengths)}
+        return {**self.judge_texts(prompts, responses), "length": statistics.fmean(lengths), "responses": responses}
 
     def references(self) -> dict[str, dict[str, float]]:
         """The demonstrations of the same prompts, whole (up to the judge's max length) and cut to the policy's
@@ -258,9 +258,10 @@ class PolicyEval:
 
         rng = random.Random(0)
         soup = [" ".join(rng.sample(c.split(), len(c.split()))) for c in cut]  # the same words, shuffled
-        return {"demonstrations (whole)": self.judge_texts(prompts, full),
-                f"demonstrations (first {self.max_new_tokens} tokens)": self.judge_texts(prompts, cut),
-                "word salad (those tokens' words shuffled)": self.judge_texts(prompts, soup)}
+        return {"demonstrations (whole)": {**self.judge_texts(prompts, full), "responses": full},
+                f"demonstrations (first {self.max_new_tokens} tokens)": {**self.judge_texts(prompts, cut),
+                                                                          "responses": cut},
+                "word salad (those tokens' words shuffled)": {**self.judge_texts(prompts, soup), "responses": soup}}
 
 
 @torch.no_grad()
@@ -453,8 +454,13 @@ def main() -> None:
                   + " ".join(f"{d.split('_')[-1]} {r[d]:.3f}" for d in DOMAINS)
                   + f"  demo loglik/token {r['demo_loglik']:.3f}{extra}  (train {r['train_s']:.0f} s; "
                   f"{time.time() - t0:.0f} s)", flush=True)
-    if args.out:
+    if args.out:  # the per-run rows with the sampled responses, and the references (for rescoring: --lm-judge)
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if evaluator:
+            prompts = [p for b in evaluator.batches for p in b.prompts]
+            Path(args.out + ".refs.json").write_text(json.dumps(
+                {"prompts": [p for p in prompts for _ in range(args.eval_samples)], "samples": args.eval_samples,
+                 "references": refs, "initial": [{**r, "seed": s} for r, s in zip(init, args.seeds)]}))
     print("\nmean +- 95% t-interval over seeds. accuracy: held-out preference accuracy of the implicit reward "
           "beta log(pi/pi_ref) (DPO family) or of the trained reward model (RLHF, AIHF explicit); demo loglik: "
           "per-token log-likelihood of held-out demonstrations; judge / vader: the policy's score on held-out prompts")
