@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("rows", help="aihf_evidence.py --out file (with its .refs.json beside it)")
     ap.add_argument("--model", default="models/smollm2-135m-instruct")
     ap.add_argument("--samples", type=int, default=1, help="samples per prompt to score (of those saved)")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="keep the last this many prompt tokens")
+    ap.add_argument("--response-tokens", type=int, default=48, help="score the first this many response tokens")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
@@ -114,7 +116,7 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines()]
     refs = json.loads(Path(args.rows + ".refs.json").read_text())
     prompts_all, per = refs["prompts"], refs["samples"]
-    judge = LMJudge(args.model)
+    judge = LMJudge(args.model, prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens)
     print(f"LM judge {args.model}: mean log-prob per response token (first {judge.response_tokens} tokens, prompt in "
           f"the chat template, last {judge.prompt_tokens} prompt tokens); {min(args.samples, per)} sample(s) on each "
           f"of {len(prompts_all) // per} held-out prompts", flush=True)
