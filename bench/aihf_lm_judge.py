@@ -134,7 +134,8 @@ def main() -> None:
     for r in rows:
         p, y = first_samples(prompts_all, r["responses"], per, args.samples)
         groups.setdefault((r["fraction"], r["method"]), []).append((statistics.fmean(judge.score(p, y)), distinct(y)))
-    print(f"\n{'pairs':>6} {'method':<16} {'lm log-prob/token':>18} {'distinct':>8}  (mean +- 95% t-interval over seeds)")
+    print(f"\n{'pairs':>6} {'method':<16} {'lm log-prob/token':>18} {'distinct':>8}  "
+          "(mean +- 95% t-interval over seeds)")
     for (fraction, method), v in groups.items():
         print(f"{fraction:>6.0%} {method:<16} {ci([a for a, _ in v]):>18} {statistics.fmean(b for _, b in v):>8.3f}")
     print(f"total {time.time() - t0:.0f} s")
