@@ -30,7 +30,7 @@ The policy is the built-in tiny Llama (random initialisation, 0.4M parameters): 
 demonstration term changes held-out preference accuracy and the judged score at this scale, not whether the paper's
 numbers reproduce.
 
-    python bench/aihf_evidence.py --rl-fractions 0.1 1.0   # 39 runs + the judge: ~25 min on a shared 2-core CPU
+    python bench/aihf_evidence.py --rl-fractions 0.1 1.0   # 39 runs + the judge: 19 min on the shared 2-core CPU (load 3-4)
     python bench/aihf_evidence.py --seeds 0 --fractions 0.1 --steps 8 --rl-fractions 0.1   # a quick look
 """
 
