@@ -17,6 +17,9 @@ Arms (``--arms``):
   trained by the critic's optimizer with ``L_value + L_group`` on the critic's non-detached hidden state);
 - ``gil_policy``: as ``gil`` with the separate head on the POLICY's last-token hidden state
   (``model.feature_source: policy``): does a trained trunk's state carry the domain better than the critic's?
+- ``gil_oracle`` (a diagnostic, NOT label-free): as ``gil`` with a one-hot of the data's domain appended to the
+  critic features the head sees (:class:`OracleFeaturesGIL`): what GIL's objective and exploration do when the
+  features carry the group, i.e. when group inference can succeed.
 
 Per run: the mean raw score and the worst-domain score (the lower of the two domains' means; the hard domain) of the
 rollouts, averaged over the last ``--window`` iterations, the gap between the domains, the summed KL per sequence at
@@ -91,7 +94,20 @@ COMMON = dict(model_name_or_path="builtin:tiny-llama", reward_fn=REWARD, critic=
               reward_norm="norm_clip", log_samples_every_n=0, export_dir=None)
 
 
-ARMS = ("ppo", "gil", "gil_critic", "gil_policy")
+ARMS = ("ppo", "gil", "gil_critic", "gil_policy", "gil_oracle")
+
+
+class OracleFeaturesGIL(GILModule):
+    """Diagnostic (not label-free): the rollout features shown to the group head get a one-hot of the data's domain
+    appended, so a head on them CAN recover the domains; everything else is ``GILModule``."""
+
+    def annotate_experience(self, exp):
+        features = exp.extras.get("features")
+        if features is not None:
+            ids = exp.extras["domain_ids"].to(features.device).long()
+            onehot = torch.nn.functional.one_hot(ids, max(len(self.domain_names()), int(ids.max()) + 1, 2))
+            exp.extras["features"] = torch.cat([features, onehot.to(features.dtype)], dim=-1)
+        super().annotate_experience(exp)
 
 
 class IterationTimer(L.Callback):
@@ -129,7 +145,8 @@ def run(method: str, seed: int, iterations: int, beta: float) -> IterationTimer:
         callbacks.append(GroupInference(num_groups=2, group_steps=4, lr=5e-2, seed=seed, placement=placement))
         if method != "ppo":
             callbacks.append(AdaptiveExploration(form="paper"))
-        module = GILModule(**COMMON, seed=seed, max_iterations=iterations,
+        cls = OracleFeaturesGIL if method == "gil_oracle" else GILModule
+        module = cls(**COMMON, seed=seed, max_iterations=iterations,
                            beta_policy=0.0 if method == "ppo" else beta,
                            feature_source="policy" if method == "gil_policy" else "critic")
     data = PromptDataModule(train_path="builtin:hh-rlhf", domains=DOMAINS, batch_size=16, max_prompt_length=64,
@@ -229,7 +246,8 @@ def plot(curves: dict[str, list[dict[str, list[float]]]], levels: list[float], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"ppo": "tab:blue", "gil": "tab:red", "gil_critic": "tab:green", "gil_policy": "tab:purple"}
+    colours = {"ppo": "tab:blue", "gil": "tab:red", "gil_critic": "tab:green", "gil_policy": "tab:purple",
+               "gil_oracle": "tab:orange"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)
     for arm, runs in curves.items():
         c = colours.get(arm, "black")

@@ -142,7 +142,8 @@ class SGDGIL(GILModule):
         return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)]
 
 
-def run_fixed_experience_gil(out: str, devices: int, batch_size: int, beta_policy: float = 2.0) -> None:
+def run_fixed_experience_gil(out: str, devices: int, batch_size: int, beta_policy: float = 2.0,
+                             placement: str = "separate") -> None:
     """One GIL iteration on fixed responses (per-rank batch ``batch_size``): whole-batch minibatches, 2 epochs (the
     second step uses the no-grad pre-pass), micro-batches of 2; saves the trainable parameters and the head."""
     from tests.test_ddp import FixedResponses
@@ -153,12 +154,13 @@ def run_fixed_experience_gil(out: str, devices: int, batch_size: int, beta_polic
                     max_new_tokens=8, reward_norm="norm", max_iterations=1, log_samples_every_n=0, export_dir=None,
                     beta_policy=beta_policy, max_grad_norm=None)
     module.generator = FixedResponses(module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)
-    gi = GroupInference(seed=0, group_steps=3, lr=0.1)
+    gi = GroupInference(seed=0, group_steps=3, lr=0.1, placement=placement)
     trainer = _trainer([gi, AdaptiveExploration()], devices=devices)
     trainer.fit(module, _data(batch_size))
     if trainer.is_global_zero:
         params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-        torch.save({"params": params, "head": gi.head.state_dict(), "world_size": trainer.world_size}, out)
+        head = gi.head if placement == "separate" else module.group_head
+        torch.save({"params": params, "head": head.state_dict(), "world_size": trainer.world_size}, out)
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -240,9 +242,26 @@ def test_gil_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, monk
     _assert_same_weights(tmp_path / "run_export", tmp_path / "ref_export")
 
 
-if __name__ == "__main__":  # the 2-process half of the DDP test (Lightning relaunches this module for rank 1)
+@pytest.mark.slow
+def test_critic_placement_with_micro_batches_and_two_ranks_equals_one_process(in_tmp):
+    """placement: critic: the group term of the critic loss (global L_group, world-size factor) and the hosted head's
+    update with 2 DDP ranks x micro-batches equal one process on the whole batch."""
+    run_fixed_experience_gil(str(in_tmp / "single.pt"), devices=1, batch_size=8, placement="critic")
+    proc = subprocess.run([sys.executable, "-m", "tests.test_gil_module", str(in_tmp / "ddp.pt"), "2", "4", "critic"],
+                          cwd=in_tmp, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    single, ddp = (torch.load(in_tmp / f"{n}.pt") for n in ("single", "ddp"))
+    assert ddp["world_size"] == 2 and any(k.startswith("group_head.") for k in single["params"])
+    for k in single["params"]:
+        torch.testing.assert_close(ddp["params"][k], single["params"][k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+    for k in single["head"]:
+        torch.testing.assert_close(ddp["head"][k], single["head"][k], atol=1e-6, rtol=0)
+
+
+if __name__ == "__main__":  # the 2-process half of the DDP tests (Lightning relaunches this module for rank 1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_fixed_experience_gil(sys.argv[1], devices=int(sys.argv[2]), batch_size=int(sys.argv[3]))
+    run_fixed_experience_gil(sys.argv[1], devices=int(sys.argv[2]), batch_size=int(sys.argv[3]),
+                             placement=sys.argv[4] if len(sys.argv) > 4 else "separate")
 
 
 # ---------------------------------------------------------------------------------------------- placement: critic
