@@ -93,7 +93,9 @@ class PPOModule(RLHFModule):
 
     Hooks for methods built on PPO: :meth:`transform_scores` (score shaping before normalisation),
     :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`prepare_minibatch`
-    (per-minibatch loss weights), :meth:`extra_loss`.
+    (per-minibatch loss weights), :meth:`extra_loss`, :meth:`prepare_critic_minibatch` and
+    :meth:`critic_extra_loss` (a critic-side term, e.g. GIL's group head inside the critic; ``needs_critic_hidden``
+    makes :meth:`forward_micro` return the critic trunk's hidden states).
 
     Logged every iteration (rank-reduced): ``iteration``, ``score/mean``, ``score/std``, ``score/shaped_mean``,
     ``kl`` (per-sequence sum), ``kl/token_mean``, ``kl_coef``, ``policy/loss``, ``policy/entropy``,
