@@ -224,7 +224,8 @@ def summarise(timer: IterationTimer, window: int) -> dict[str, float]:
     return {
         "mean": avg("score/mean"), "worst": avg("score/worst_domain"),
         "gap": avg(f"score/domain_{DOMAINS[1]}") - avg(f"score/domain_{DOMAINS[0]}"),
-        "kl_end": timer.records[-1]["kl"], "ari": avg("group/ari_domain") if "group/ari_domain" in tail[-1] else float("nan"),
+        "kl_end": timer.records[-1]["kl"],
+        "ari": avg("group/ari_domain") if "group/ari_domain" in tail[-1] else float("nan"),
         "probe": domain_probe_accuracy(timer.features[-window:]) if timer.features else float("nan"),
     }
 
@@ -261,7 +262,8 @@ def plot(curves: dict[str, list[dict[str, list[float]]]], levels: list[float], p
                     [m + (h if h == h else 0) for m, h in stats])
 
         for key, style in (("easy", "-"), ("hard", "--")):
-            axes[0, 0].plot(its, band(key)[0], style, color=c, label=f"{arm} {'easy (e)' if key == 'easy' else 'hard (k)'}")
+            label = f"{arm} {'easy (e)' if key == 'easy' else 'hard (k)'}"
+            axes[0, 0].plot(its, band(key)[0], style, color=c, label=label)
         for ax, key in ((axes[0, 1], "worst"), (axes[1, 0], "gap")):
             m, lo, hi = band(key)
             ax.plot(its, m, color=c, label=arm)
@@ -306,7 +308,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5, help="last iterations averaged per run")
     parser.add_argument("--beta", type=float, default=1.0, help="beta_policy of the gil arms")
     parser.add_argument("--kl-fractions", type=float, nargs="+", default=[0.5, 1.0],
-                        help="KL levels of the score-at-equal-KL table, as fractions of the largest KL every run reached")
+                        help="KL levels of the score-at-equal-KL table, as fractions of the largest KL every run "
+                        "reached")
     parser.add_argument("--plot", default=None, help="write the PNG here")
     parser.add_argument("--cost", action="store_true", help="also measure time and memory per iteration")
     parser.add_argument("--cost-iterations", type=int, default=8)
@@ -348,7 +351,8 @@ def main() -> None:
         for method in arms:
             if method == "ppo":
                 continue
-            diffs = {k: [g[k] - p[k] for g, p in zip(results[method], results["ppo"])] for k in ("mean", "worst", "gap")}
+            diffs = {k: [g[k] - p[k] for g, p in zip(results[method], results["ppo"])]
+                     for k in ("mean", "worst", "gap")}
             print(f"paired difference {method} - ppo (same seed): " + ", ".join(
                 f"{k} {ci95(v)[0]:+.3f} +- {ci95(v)[1]:.3f}" for k, v in diffs.items()))
 
@@ -400,7 +404,8 @@ def main() -> None:
         for _ in range(args.cost_repeats):
             for method in methods:
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cost-worker", method,
-                                       "--iterations", str(args.cost_iterations)], capture_output=True, text=True, env=env)
+                                       "--iterations", str(args.cost_iterations)],
+                                      capture_output=True, text=True, env=env)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COST")]
                 if not line:
                     raise RuntimeError(proc.stderr[-3000:])

@@ -148,8 +148,8 @@ class GILModule(PPOModule):
                              "GroupInference placement: separate")
         if self.feature_source != "critic":
             raise ValueError(f"GroupInference(placement='critic') reads the critic's hidden state; "
-                             f"model.feature_source is {self.feature_source!r}: set model.feature_source: critic (or use "
-                             f"GroupInference placement: separate)")
+                             f"model.feature_source is {self.feature_source!r}: set model.feature_source: critic "
+                             f"(or use GroupInference placement: separate)")
         first = self._group_head_spec is None
         self._group_head_spec = (build_head, loss_fn, float(loss_weight), lr)
         if self._models_built and (first or self.group_head is None):
