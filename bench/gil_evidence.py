@@ -20,6 +20,8 @@ Arms (``--arms``):
 - ``gil_oracle`` (a diagnostic, NOT label-free): as ``gil`` with a one-hot of the data's domain appended to the
   critic features the head sees (:class:`OracleFeaturesGIL`): what GIL's objective and exploration do when the
   features carry the group, i.e. when group inference can succeed.
+- ablations of ``gil``: ``gil_no_explore`` (the variance penalty, no ``AdaptiveExploration``) and ``explore_only``
+  (``AdaptiveExploration``, ``beta_policy: 0``): which part moves the scores.
 
 Per run: the mean raw score and the worst-domain score (the lower of the two domains' means; the hard domain) of the
 rollouts, averaged over the last ``--window`` iterations, the gap between the domains, the summed KL per sequence at
@@ -94,7 +96,7 @@ COMMON = dict(model_name_or_path="builtin:tiny-llama", reward_fn=REWARD, critic=
               reward_norm="norm_clip", log_samples_every_n=0, export_dir=None)
 
 
-ARMS = ("ppo", "gil", "gil_critic", "gil_policy", "gil_oracle")
+ARMS = ("ppo", "gil", "gil_critic", "gil_policy", "gil_oracle", "gil_no_explore", "explore_only")
 
 
 class OracleFeaturesGIL(GILModule):
@@ -143,11 +145,11 @@ def run(method: str, seed: int, iterations: int, beta: float) -> IterationTimer:
     else:
         placement = "critic" if method == "gil_critic" else "separate"
         callbacks.append(GroupInference(num_groups=2, group_steps=4, lr=5e-2, seed=seed, placement=placement))
-        if method != "ppo":
+        if method not in ("ppo", "gil_no_explore"):
             callbacks.append(AdaptiveExploration(form="paper"))
         cls = OracleFeaturesGIL if method == "gil_oracle" else GILModule
         module = cls(**COMMON, seed=seed, max_iterations=iterations,
-                           beta_policy=0.0 if method == "ppo" else beta,
+                           beta_policy=0.0 if method in ("ppo", "explore_only") else beta,
                            feature_source="policy" if method == "gil_policy" else "critic")
     data = PromptDataModule(train_path="builtin:hh-rlhf", domains=DOMAINS, batch_size=16, max_prompt_length=64,
                             skip_invalid_rows=True, max_train_rows=512, max_val_rows=4, seed=seed)
@@ -248,7 +250,7 @@ def plot(curves: dict[str, list[dict[str, list[float]]]], levels: list[float], p
     import matplotlib.pyplot as plt
 
     colours = {"ppo": "tab:blue", "gil": "tab:red", "gil_critic": "tab:green", "gil_policy": "tab:purple",
-               "gil_oracle": "tab:orange"}
+               "gil_oracle": "tab:orange", "gil_no_explore": "tab:brown", "explore_only": "tab:gray"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)
     for arm, runs in curves.items():
         c = colours.get(arm, "black")
@@ -304,7 +306,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS[:5]), choices=ARMS)
     parser.add_argument("--window", type=int, default=5, help="last iterations averaged per run")
     parser.add_argument("--beta", type=float, default=1.0, help="beta_policy of the gil arms")
     parser.add_argument("--kl-fractions", type=float, nargs="+", default=[0.5, 1.0],
@@ -312,6 +314,7 @@ def main() -> None:
                         "reached")
     parser.add_argument("--plot", default=None, help="write the PNG here")
     parser.add_argument("--cost", action="store_true", help="also measure time and memory per iteration")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost measurement")
     parser.add_argument("--cost-iterations", type=int, default=8)
     parser.add_argument("--cost-repeats", type=int, default=2)
     parser.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)
@@ -321,6 +324,9 @@ def main() -> None:
         cost_worker(args.cost_worker, args.iterations)
         return
 
+    if args.cost_only:
+        measure_cost(args)
+        return
     t_start = time.perf_counter()
     arms = list(args.arms)
     results: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
@@ -396,30 +402,39 @@ def main() -> None:
         print(f"wrote {args.plot}")
 
     if args.cost:
-        # alternate the methods and keep each method's best median: the machine is shared
-        methods = ["plain_ppo", "gil", "gil_critic"]
-        costs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
-        for _ in range(args.cost_repeats):
-            for method in methods:
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cost-worker", method,
-                                       "--iterations", str(args.cost_iterations)],
-                                      capture_output=True, text=True, env=env)
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COST")]
-                if not line:
-                    raise RuntimeError(proc.stderr[-3000:])
-                costs[method].append(tuple(float(x) for x in line[0].split()[2:]))
-        best = {m: min(costs[m]) for m in methods}
-        tp, up, mp = best["plain_ppo"]
-        for method in methods[1:]:
-            tg, ug, mg = best[method]
-            print(f"cost {method} (seed 0, median over iterations 2..{args.cost_iterations}, best of "
-                  f"{args.cost_repeats} alternating processes): iteration PPOModule {tp:.3f} s, {method} {tg:.3f} s "
-                  f"({tg / tp:.2f}x); update phase {up:.3f} s vs {ug:.3f} s ({ug / up:.2f}x); peak RSS {mp:.0f} MiB "
-                  f"vs {mg:.0f} MiB ({mg / mp:.2f}x)")
-        print("all cost runs (iteration s, update s, RSS MiB):", {k: v for k, v in costs.items()})
-        print(f"load average after the cost runs {os.getloadavg()}")
+        measure_cost(args)
+
+
+def measure_cost(args: argparse.Namespace) -> None:
+    """Time and peak RSS per iteration of PPOModule, gil and gil_critic, each in its own process."""
+    # alternate the methods and keep each method's best median: the machine is shared
+    methods = ["plain_ppo", "gil", "gil_critic"]
+    costs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
+    for _ in range(args.cost_repeats):
+        for method in methods:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cost-worker", method,
+                                   "--iterations", str(args.cost_iterations)],
+                                  capture_output=True, text=True, env=env)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COST")]
+            if not line:
+                raise RuntimeError(proc.stderr[-3000:])
+            costs[method].append(tuple(float(x) for x in line[0].split()[2:]))
+    best = {m: min(costs[m]) for m in methods}
+    tp, up, mp = best["plain_ppo"]
+    for method in methods[1:]:
+        tg, ug, mg = best[method]
+        print(f"cost {method} (seed 0, median over iterations 2..{args.cost_iterations}, best of "
+              f"{args.cost_repeats} alternating processes): iteration PPOModule {tp:.3f} s, {method} {tg:.3f} s "
+              f"({tg / tp:.2f}x); update phase {up:.3f} s vs {ug:.3f} s ({ug / up:.2f}x); peak RSS {mp:.0f} MiB "
+              f"vs {mg:.0f} MiB ({mg / mp:.2f}x)")
+    med = {m: (statistics.median(c[0] for c in costs[m]), statistics.median(c[1] for c in costs[m])) for m in methods}
+    print("median over the repeats (iteration s, update s): " + ", ".join(
+        f"{m} {t:.3f} / {u:.3f} ({t / med['plain_ppo'][0]:.2f}x / {u / med['plain_ppo'][1]:.2f}x)"
+        for m, (t, u) in med.items()))
+    print("all cost runs (iteration s, update s, RSS MiB):", {k: v for k, v in costs.items()})
+    print(f"load average after the cost runs {os.getloadavg()}")
 
 
 if __name__ == "__main__":
