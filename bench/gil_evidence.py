@@ -118,14 +118,17 @@ class IterationTimer(L.Callback):
 
     def __init__(self, keys: Sequence[str], keep_features: bool = False) -> None:
         self.keys, self.times, self.records = list(keys), [], []
+        self.cpu_times: list[float] = []  # process CPU time per iteration (1 thread: robust to other processes' load)
+        self.update_cpu_times: list[float] = []
         self.keep_features = keep_features
         self.features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.process_time() - self._c0)
         m = trainer.callback_metrics
         self.records.append({k: float(m[k]) for k in self.keys if k in m})
         view = pl_module.rollout_view()
@@ -153,6 +156,15 @@ def run(method: str, seed: int, iterations: int, beta: float) -> IterationTimer:
                            feature_source="policy" if method == "gil_policy" else "critic")
     data = PromptDataModule(train_path="builtin:hh-rlhf", domains=DOMAINS, batch_size=16, max_prompt_length=64,
                             skip_invalid_rows=True, max_train_rows=512, max_val_rows=4, seed=seed)
+    original_update = module.ppo_update
+
+    def timed_update(exp):  # the update phase's CPU time
+        c0 = time.process_time()
+        out = original_update(exp)
+        timer.update_cpu_times.append(time.process_time() - c0)
+        return out
+
+    module.ppo_update = timed_update  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:
         L.Trainer(accelerator="cpu", devices=1, max_steps=-1, logger=False, limit_val_batches=0,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -295,11 +307,14 @@ def plot(curves: dict[str, list[dict[str, list[float]]]], levels: list[float], p
 
 
 def cost_worker(method: str, iterations: int) -> None:
-    """Child process: one run, prints the median iteration time (after the first) and the peak RSS."""
+    """Child process: one run, prints the median iteration and update wall times and CPU times (after the first
+    iteration) and the peak RSS."""
     timer = run(method, 0, iterations, beta=1.0)
     steady = statistics.median(timer.times[1:])
     update = statistics.median(r["time/update"] for r in timer.records[1:])
-    print(f"COST {method} {steady:.4f} {update:.4f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+    cpu, update_cpu = statistics.median(timer.cpu_times[1:]), statistics.median(timer.update_cpu_times[1:])
+    print(f"COST {method} {steady:.4f} {update:.4f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} "
+          f"{cpu:.4f} {update_cpu:.4f}")
 
 
 def main() -> None:
@@ -421,7 +436,7 @@ def measure_cost(args: argparse.Namespace) -> None:
             if not line:
                 raise RuntimeError(proc.stderr[-3000:])
             costs[method].append(tuple(float(x) for x in line[0].split()[2:]))
-    best = {m: min(costs[m]) for m in methods}
+    best = {m: min(c[:3] for c in costs[m]) for m in methods}
     tp, up, mp = best["plain_ppo"]
     for method in methods[1:]:
         tg, ug, mg = best[method]
@@ -430,9 +445,13 @@ def measure_cost(args: argparse.Namespace) -> None:
               f"({tg / tp:.2f}x); update phase {up:.3f} s vs {ug:.3f} s ({ug / up:.2f}x); peak RSS {mp:.0f} MiB "
               f"vs {mg:.0f} MiB ({mg / mp:.2f}x)")
     med = {m: (statistics.median(c[0] for c in costs[m]), statistics.median(c[1] for c in costs[m])) for m in methods}
-    print("median over the repeats (iteration s, update s): " + ", ".join(
+    print("wall time, median over the repeats (iteration s, update s): " + ", ".join(
         f"{m} {t:.3f} / {u:.3f} ({t / med['plain_ppo'][0]:.2f}x / {u / med['plain_ppo'][1]:.2f}x)"
         for m, (t, u) in med.items()))
+    cpu = {m: (statistics.median(c[3] for c in costs[m]), statistics.median(c[4] for c in costs[m])) for m in methods}
+    print("CPU time (1 thread, less sensitive to other processes), median over the repeats (iteration s, update s): "
+          + ", ".join(f"{m} {t:.3f} / {u:.3f} ({t / cpu['plain_ppo'][0]:.2f}x / {u / cpu['plain_ppo'][1]:.2f}x)"
+                      for m, (t, u) in cpu.items()))
     print("all cost runs (iteration s, update s, RSS MiB):", {k: v for k, v in costs.items()})
     print(f"load average after the cost runs {os.getloadavg()}")
 
