@@ -151,7 +151,8 @@ def run(method: str, seed: int, iterations: int, beta: float) -> IterationTimer:
         if method not in ("ppo", "gil_no_explore"):
             callbacks.append(AdaptiveExploration(form="paper"))
         cls = OracleFeaturesGIL if method == "gil_oracle" else GILModule
-        module = cls(**COMMON, seed=seed, max_iterations=iterations,
+        extra = {"surrogate_prepass": "never"} if method == "gil_no_prepass" else {}
+        module = cls(**COMMON, **extra, seed=seed, max_iterations=iterations,
                            beta_policy=0.0 if method in ("ppo", "explore_only") else beta,
                            feature_source="policy" if method == "gil_policy" else "critic")
     data = PromptDataModule(train_path="builtin:hh-rlhf", domains=DOMAINS, batch_size=16, max_prompt_length=64,
@@ -330,6 +331,9 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write the PNG here")
     parser.add_argument("--cost", action="store_true", help="also measure time and memory per iteration")
     parser.add_argument("--cost-only", action="store_true", help="only the cost measurement")
+    parser.add_argument("--cost-methods", nargs="+", default=["plain_ppo", "gil", "gil_critic"],
+                        help="plain_ppo (PPOModule; first, the reference) and arms; gil_no_prepass = gil with "
+                        "surrogate_prepass: never")
     parser.add_argument("--cost-iterations", type=int, default=8)
     parser.add_argument("--cost-repeats", type=int, default=2)
     parser.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)
@@ -421,9 +425,10 @@ def main() -> None:
 
 
 def measure_cost(args: argparse.Namespace) -> None:
-    """Time and peak RSS per iteration of PPOModule, gil and gil_critic, each in its own process."""
+    """Time and peak RSS per iteration of PPOModule (``plain_ppo``, the reference) and the arms of
+    ``--cost-methods``, each in its own process."""
     # alternate the methods and keep each method's best median: the machine is shared
-    methods = ["plain_ppo", "gil", "gil_critic"]
+    methods = list(args.cost_methods)
     costs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
