@@ -177,7 +177,8 @@ class GroupInference(Callback):
         num_groups: Number of groups ``M`` (the paper uses 2).
         entropy_coef: ``lambda_H``, weight of the entropy of the group masses (keeps groups from collapsing to one).
         group_steps: Optimizer steps of the head per PPO iteration.
-        lr: Learning rate of the head's Adam optimizer.
+        lr: Learning rate of the head's Adam optimizer (``placement: critic``: of the head's parameter group in the
+            module's optimizer).
         hidden_size: Width of a hidden layer (tanh) before the group logits; 0 = a linear head.
         standardize_features: Standardise each feature dimension with the batch's mean and std before the head.
         placement: ``separate`` (a head of its own on detached features, trained here; ours) or ``critic`` (the
