@@ -11,18 +11,22 @@ summed KL):
 
 Which parts are the paper's: a classifier that infers (binary) groups by maximising a variance objective of the
 returns. Our choices (the paper's exact form could not be read): the mass weighting ``pi_g`` (a group cannot win
-by isolating one outlier), the entropy term on the group masses against collapse, a head SEPARATE from the critic on
-detached features (the paper's head sits inside the critic and is trained adversarially with it: ``placement:
-critic``, refused here, see :class:`GroupInference`).
+by isolating one outlier), the entropy term on the group masses against collapse, and by default a head SEPARATE
+from the critic on detached features (``placement: separate``). The paper's head sits inside the critic and is
+trained adversarially with it: ``placement: critic`` (the head is hosted by the module's critic, see
+:class:`GroupInference`).
 
 The callback talks to the module only through :class:`callbacks.protocols.ExperienceAnnotatable`: it registers an
 experience hook that needs ``features``; the hook sees the same global view on every rank, so the head's update, its
-posterior and ``g_high`` are identical everywhere without communication. Imports only lightning, torch and stdlib.
+posterior and ``g_high`` are identical everywhere without communication. With ``placement: critic`` it also uses
+:class:`callbacks.protocols.GroupHeadHost` (the module builds, saves and trains the head with its critic). Imports
+only lightning, torch and stdlib.
 The math is in pure functions here (re-exported by ``lightning_rlhf.losses.gil``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, Mapping, Optional
 
@@ -31,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from callbacks.protocols import ExperienceAnnotatable, missing_members
+from callbacks.protocols import ExperienceAnnotatable, GroupHeadHost, missing_members
 
 Placement = Literal["separate", "critic"]
 
@@ -152,6 +156,17 @@ class GroupInference(Callback):
     generator seeded with ``seed`` when the first features arrive, so every rank holds the same head, and every rank
     makes the same update (they see the same view).
 
+    ``placement: critic`` (the paper's placement): the head lives INSIDE the module's critic
+    (:class:`callbacks.protocols.GroupHeadHost`): the module builds it with this callback's seeded initialisation, keeps
+    it in its state dict (checkpoints) and trains it with the critic's optimizer, in a parameter group of its own at
+    ``lr``, on the critic's NOT detached last-token hidden state: the critic loss becomes ``L_value +
+    critic_loss_weight * L_group`` (:func:`group_inference_loss` on the minibatch), so the critic's trunk also learns
+    features that separate the groups, adversarially to the policy's invariance penalty, which shrinks the spread
+    between them. The hook then takes no steps of its own: it annotates the posterior of the hosted head (as trained
+    up to the previous iteration) on the rollout's features. Features are not standardised in this placement (a batch
+    standardisation would make each rollout's posterior, and the critic's gradient, depend on the other rollouts);
+    ``group_steps`` and ``standardize_features`` apply to ``separate`` only.
+
     Logged each iteration (from ``on_train_batch_end``): ``group/mass_g{g}``, ``group/return_g{g}`` (``R_g``),
     ``group/g_high``, ``group/return_gap`` (``R_high`` minus the mass-weighted mean of the other groups' ``R_g``),
     ``group/g_high_flips`` (times ``g_high`` changed since the start of training), ``group/objective`` (``J_var``
@@ -162,12 +177,15 @@ class GroupInference(Callback):
         num_groups: Number of groups ``M`` (the paper uses 2).
         entropy_coef: ``lambda_H``, weight of the entropy of the group masses (keeps groups from collapsing to one).
         group_steps: Optimizer steps of the head per PPO iteration.
-        lr: Learning rate of the head's Adam optimizer.
+        lr: Learning rate of the head's Adam optimizer (``placement: critic``: of the head's parameter group in the
+            module's optimizer).
         hidden_size: Width of a hidden layer (tanh) before the group logits; 0 = a linear head.
         standardize_features: Standardise each feature dimension with the batch's mean and std before the head.
-        placement: ``separate`` (a head of its own on detached features, ours) or ``critic`` (the paper's: a head
-            inside the critic trained adversarially with it; not implemented, refused with an error).
+        placement: ``separate`` (a head of its own on detached features, trained here; ours) or ``critic`` (the
+            paper's: a head inside the module's critic, trained with the critic's loss; needs a module with a critic,
+            see above).
         seed: Seed of the head's initial weights (identical on every rank).
+        critic_loss_weight: ``placement: critic`` only: weight of ``L_group`` in the critic's loss.
     """
 
     def __init__(
@@ -180,6 +198,7 @@ class GroupInference(Callback):
         standardize_features: bool = True,
         placement: Placement = "separate",
         seed: int = 0,
+        critic_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if num_groups < 2:
@@ -192,13 +211,9 @@ class GroupInference(Callback):
             raise ValueError(f"GroupInference: lr must be > 0, got {lr}")
         if hidden_size < 0:
             raise ValueError(f"GroupInference: hidden_size must be >= 0, got {hidden_size}")
-        if placement == "critic":
-            raise ValueError(
-                "GroupInference: placement='critic' (the paper's group head inside the critic, trained adversarially "
-                "with it) is not implemented; use placement='separate' (a head of its own on detached critic or "
-                "policy features, trained to maximise the same variance objective)"
-            )
-        if placement != "separate":
+        if critic_loss_weight < 0:
+            raise ValueError(f"GroupInference: critic_loss_weight must be >= 0, got {critic_loss_weight}")
+        if placement not in ("separate", "critic"):
             raise ValueError(f"GroupInference: placement must be 'separate' or 'critic', got {placement!r}")
         self.num_groups = int(num_groups)
         self.entropy_coef = float(entropy_coef)
@@ -208,7 +223,9 @@ class GroupInference(Callback):
         self.standardize_features = bool(standardize_features)
         self.placement: Placement = placement
         self.seed = int(seed)
-        self.head: Optional[nn.Module] = None
+        self.critic_loss_weight = float(critic_loss_weight)
+        self._host: Optional[GroupHeadHost] = None  # placement: critic, the module hosting the head
+        self.head: Optional[nn.Module] = None  # placement: separate
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's head, loaded when the head is built
         self.g_high: Optional[int] = None
@@ -232,11 +249,24 @@ class GroupInference(Callback):
                 f"(`rollout_view()` and `register_experience_hook(name, hook, needs_features)`); "
                 f"{type(pl_module).__name__} lacks: {', '.join(missing) or '?'}"
             )
+        if self.placement == "critic":
+            if not isinstance(pl_module, GroupHeadHost):
+                missing = missing_members(pl_module, GroupHeadHost)
+                raise TypeError(
+                    f"GroupInference(placement='critic') needs a LightningModule implementing "
+                    f"callbacks.protocols.GroupHeadHost (`group_head`, `install_group_head(build_head, loss_fn, "
+                    f"loss_weight, lr)`) to host the head in its critic; {type(pl_module).__name__} lacks: "
+                    f"{', '.join(missing) or '?'} (use placement='separate')"
+                )
+            loss_fn = functools.partial(group_inference_loss, entropy_coef=self.entropy_coef)
+            pl_module.install_group_head(self.new_head, loss_fn, self.critic_loss_weight, self.lr)
+            self._host = pl_module
         pl_module.register_experience_hook(type(self).__name__, self.annotate, needs_features=True)
 
     # ------------------------------------------------------------------ the head
-    def build_head(self, feature_dim: int, device: torch.device) -> None:
-        """Create the head (seeded) and its optimizer; apply a checkpoint's state if one is pending."""
+    def new_head(self, feature_dim: int) -> nn.Module:
+        """A fresh head for ``feature_dim`` features, its weights drawn from a generator seeded with ``seed`` (the
+        same head on every rank; the global RNG is left alone). Linear, or Linear-tanh-Linear with ``hidden_size``."""
         gen = torch.Generator().manual_seed(self.seed)
         layers: list[nn.Module] = []
         width = feature_dim
@@ -254,7 +284,12 @@ class GroupInference(Callback):
                     bound = 1.0 / math.sqrt(layer.in_features)
                     layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=gen))
                     layer.bias.copy_(torch.empty_like(layer.bias).uniform_(-bound, bound, generator=gen))
-        self.head = head.to(device)
+        return head
+
+    def build_head(self, feature_dim: int, device: torch.device) -> None:
+        """``placement: separate``: create the head (seeded) and its optimizer; apply a checkpoint's state if one is
+        pending."""
+        self.head = self.new_head(feature_dim).to(device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=self.lr)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -274,8 +309,9 @@ class GroupInference(Callback):
 
     def posterior(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, M)`` ``q(g | tau)`` of prepared features (with grad through the head)."""
-        assert self.head is not None, "GroupInference.posterior before the head was built"
-        return torch.softmax(self.head(features), dim=-1)
+        head = self.head if self._host is None else self._host.group_head
+        assert head is not None, "GroupInference.posterior before the head was built"
+        return torch.softmax(head(features), dim=-1)
 
     # ------------------------------------------------------------------ the experience hook
     def annotate(self, view: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -283,20 +319,30 @@ class GroupInference(Callback):
         if "features" not in view:
             raise KeyError("GroupInference: the rollout view has no 'features' (the module must add them for hooks "
                            "registered with needs_features=True)")
-        x = self.prepare_features(view["features"])  # (N, H)
-        returns = view["returns"].detach().to(x.device, torch.float32)  # (N,)
-        if self.head is None:
-            self.build_head(x.shape[1], x.device)
-        assert self.head is not None and self.optimizer is not None
         loss = torch.zeros(())
-        with torch.enable_grad():
-            for _ in range(self.group_steps):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = group_inference_loss(returns, self.posterior(x), self.entropy_coef)
-                loss.backward()
-                self.optimizer.step()
+        if self._host is not None:  # placement: critic, the critic's optimizer trains the hosted head
+            if self._host.group_head is None:
+                raise RuntimeError("GroupInference(placement='critic'): the module has not built the group head (its "
+                                   "install_group_head must build it with the critic)")
+            head_param = next(self._host.group_head.parameters())
+            x = view["features"].detach().to(head_param.device, head_param.dtype).clone()  # (N, H), not standardised
+            returns = view["returns"].detach().to(x.device, torch.float32)  # (N,)
+        else:
+            x = self.prepare_features(view["features"])  # (N, H)
+            returns = view["returns"].detach().to(x.device, torch.float32)  # (N,)
+            if self.head is None:
+                self.build_head(x.shape[1], x.device)
+            assert self.head is not None and self.optimizer is not None
+            with torch.enable_grad():
+                for _ in range(self.group_steps):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss = group_inference_loss(returns, self.posterior(x), self.entropy_coef)
+                    loss.backward()
+                    self.optimizer.step()
         with torch.no_grad():
-            q = self.posterior(x)  # (N, M), after the steps
+            q = self.posterior(x).float()  # (N, M), after the steps
+            if self._host is not None:
+                loss = group_inference_loss(returns, q, self.entropy_coef)
             r_g = group_means(returns, q)
             pi = group_masses(q)
             g_high = int(torch.argmax(r_g))
@@ -334,7 +380,8 @@ class GroupInference(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The head's weights and its optimizer's state (once built), ``g_high`` and counters."""
+        """The head's weights and its optimizer's state (once built; ``placement: separate``: with ``critic`` they
+        are in the module's state and its optimizer's), ``g_high`` and counters."""
         state: dict[str, Any] = {
             "g_high": self.g_high, "g_high_flips": self.g_high_flips, "num_updates": self.num_updates,
             "last_iteration": self.last_iteration,

@@ -7,9 +7,10 @@ checks ``isinstance(pl_module, Protocol)`` in ``setup`` and raises a ``TypeError
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 
 @runtime_checkable
@@ -119,6 +120,47 @@ class ExperienceAnnotatable(Protocol):
             name: a unique name, e.g. the callback's class name.
             hook: called once per iteration with the view; returns per-sample annotations.
             needs_features: the module must then compute and add ``features`` to the view.
+        """
+        ...
+
+
+#: ``loss_fn(returns (N,), posterior (N, M)) -> scalar``: the group objective a hosted head is trained to minimise
+GroupLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class GroupHeadHost(Protocol):
+    """A module that hosts a group head ``q(g | tau)`` INSIDE its critic (GIL's ``placement: critic``): the head is one
+    of the critic's modules, saved in the module's state and trained by the critic's optimizer together with the
+    critic, on the critic's (not detached) last-token hidden state, with the critic loss
+    ``L_critic = L_value + loss_weight * loss_fn(returns, q)``.
+
+    ``loss_fn`` is a batch objective (e.g. a variance of returns between groups): the host evaluates it on the whole
+    minibatch of ALL ranks (its value and its gradient with respect to every row's ``q``), so the update is the same
+    with any micro-batching and number of ranks. ``returns`` are the sequence returns of the rollout view
+    (``shaped_scores - kl_coef * kl``, see :class:`ExperienceAnnotatable`).
+
+    Attributes:
+        group_head: the hosted head (``None`` until the critic is built); ``group_head(features)`` gives ``(N, M)``
+            logits from ``(N, H)`` features of the kind the host puts in the rollout view's ``features`` (the critic's
+            last-token hidden state), so the posterior of the view's rollouts is ``softmax(group_head(features))``.
+    """
+
+    group_head: Optional[nn.Module]
+
+    def install_group_head(self, build_head: Callable[[int], nn.Module], loss_fn: GroupLoss, loss_weight: float,
+                           lr: Optional[float] = None) -> None:
+        """Host a head built as ``build_head(feature_dim)`` (now if the critic exists, else when it is built; before
+        the optimizer is configured and a checkpoint is restored). Raises ``ValueError`` when the module has no
+        critic features (e.g. no critic) or shows other features to the hooks.
+
+        Args:
+            build_head: creates the head for ``feature_dim``-dimensional features (deterministic: the same head on
+                every rank).
+            loss_fn: the head's objective (returns, posterior) -> scalar, minimised by the critic's optimizer.
+            loss_weight: its weight in the critic loss.
+            lr: learning rate of the head's parameters (a parameter group of the critic's optimizer); ``None``: the
+                critic's.
         """
         ...
 

@@ -109,9 +109,67 @@ def test_group_inference_recovers_planted_groups():
     assert float(q_high[view["domain_ids"] == 1].mean()) > 0.9 > 0.1 > float(q_high[view["domain_ids"] == 0].mean())
 
 
-def test_group_inference_needs_features_and_rejects_critic_placement():
-    with pytest.raises(ValueError, match="placement='critic'"):
-        GroupInference(placement="critic")
+class StandInHost:
+    """Not a GIL module: a toy critic that hosts the group head (callbacks.protocols.GroupHeadHost). Its "critic"
+    step minimises ``loss_weight * loss_fn(returns, softmax(head(features)))`` with its own Adam optimizer."""
+
+    def __init__(self, feature_dim: int = H) -> None:
+        self.group_head = None
+        self.feature_dim = feature_dim
+        self.installed: tuple = ()
+
+    def install_group_head(self, build_head, loss_fn, loss_weight, lr=None):
+        self.group_head = build_head(self.feature_dim)
+        self.loss_fn, self.loss_weight = loss_fn, loss_weight
+        self.optimizer = torch.optim.Adam(self.group_head.parameters(), lr=lr)
+        self.installed = (loss_weight, lr)
+
+    # ExperienceAnnotatable (the callback registers its hook)
+    def rollout_view(self):
+        return {}
+
+    def register_experience_hook(self, name, hook, needs_features=False):
+        self.hook = (hook, needs_features)
+
+    def critic_step(self, view) -> None:
+        self.optimizer.zero_grad()
+        q = torch.softmax(self.group_head(view["features"]), -1)
+        (self.loss_weight * self.loss_fn(view["returns"], q)).backward()
+        self.optimizer.step()
+
+
+def test_critic_placement_recovers_planted_groups_with_a_stand_in_host():
+    """placement: critic: the host builds the (seeded) head, trains it with its own optimizer on the callback's loss;
+    the callback annotates the hosted head's posterior. Planted groups are recovered (ARI > 0.9)."""
+    host = StandInHost()
+    gi = GroupInference(placement="critic", lr=5e-2, critic_loss_weight=0.5, seed=0, entropy_coef=0.01)
+    gi.setup(None, host, "fit")
+    assert host.installed == (0.5, 5e-2) and host.hook[1] is True
+    # the hosted head is the callback's seeded head; the callback keeps no head of its own
+    torch.testing.assert_close(host.group_head[0].weight, gi.new_head(H)[0].weight, atol=0, rtol=0)
+    assert gi.head is None
+    aris = []
+    for it in range(40):
+        view = planted_view(it)
+        out = gi.annotate(view)
+        with torch.no_grad():
+            want = torch.softmax(host.group_head(view["features"]), -1)
+        torch.testing.assert_close(out["group_posterior"], want)  # the hosted head's posterior, no steps of its own
+        aris.append(adjusted_rand_index(out["group_posterior"].argmax(-1), view["domain_ids"]))
+        host.critic_step(view)
+    assert min(aris[-10:]) > 0.9, aris
+    view = planted_view(100)
+    out = gi.annotate(view)
+    q_high = out["group_posterior"][:, int(out["group_high"][0])]
+    assert float(q_high[view["domain_ids"] == 1].mean()) > 0.9 > 0.1 > float(q_high[view["domain_ids"] == 0].mean())
+    assert "head" not in gi.state_dict()  # the host's state carries the head
+
+
+def test_group_inference_needs_features_and_critic_placement_needs_a_host():
+    with pytest.raises(TypeError, match="GroupHeadHost"):
+        GroupInference(placement="critic").setup(None, StandIn(), "fit")
+    with pytest.raises(ValueError, match="placement"):
+        GroupInference(placement="head")
     view = planted_view(0)
     del view["features"]
     with pytest.raises(KeyError, match="features"):

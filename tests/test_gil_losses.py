@@ -189,3 +189,47 @@ def test_variance_weights_are_one_when_the_groups_agree():
     q = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float64)
     w = invariance_sample_weights("variance", q, torch.tensor([2, 3, 4, 5]), group_statistics(j, q), 14.0, beta=1.0)
     torch.testing.assert_close(w, torch.ones(4, dtype=torch.float64))
+
+
+def _written_group_loss(returns: list[float], q: torch.Tensor, lam: float) -> torch.Tensor:
+    """L_group = -sum_g pi_g (R_g - Rbar)^2 - lam H(pi), written out with loops (spec 2a)."""
+    n, m = q.shape
+    pi = [sum(q[i, g] for i in range(n)) / n for g in range(m)]
+    r_g = [sum(q[i, g] * returns[i] for i in range(n)) / sum(q[i, g] for i in range(n)) for g in range(m)]
+    r_bar = sum(pi[g] * r_g[g] for g in range(m))
+    j_var = sum(pi[g] * (r_g[g] - r_bar) ** 2 for g in range(m))
+    entropy = -sum(pi[g] * torch.log(pi[g]) for g in range(m))
+    return -j_var - lam * entropy
+
+
+def test_hosted_group_head_gradient_matches_autograd_of_the_written_formula():
+    """placement: critic: L_group's value and dL/dq on the whole batch, then sum_i c_i . q_i per chunk (micro-batch):
+    the summed gradient of the head's weights AND of the trunk's features equals autograd of the written formula."""
+    from lightning_rlhf.losses.gil import group_objective_row_gradients, hosted_group_surrogate
+
+    returns = [1.0, -0.5, 2.0, 0.25, -1.5, 0.75]
+    feats = torch.tensor([[0.3, -1.0, 0.5], [1.2, 0.1, -0.4], [-0.7, 0.9, 0.2], [0.05, -0.3, 1.1], [0.8, 0.6, -0.9],
+                          [-0.2, -0.5, 0.4]], dtype=torch.float64)
+    weight = torch.tensor([[0.5, -0.3, 0.8], [-0.6, 0.4, 0.1]], dtype=torch.float64)
+    bias = torch.tensor([0.1, -0.2], dtype=torch.float64)
+    lam = 0.05
+
+    def leaves():
+        return (feats.clone().requires_grad_(True), weight.clone().requires_grad_(True),
+                bias.clone().requires_grad_(True))
+
+    x, w, b = leaves()
+    want = _written_group_loss(returns, torch.softmax(x @ w.T + b, -1), lam)
+    want_grads = torch.autograd.grad(want, (x, w, b))
+
+    r = torch.tensor(returns, dtype=torch.float64)
+    x, w, b = leaves()
+    with torch.no_grad():
+        q_now = torch.softmax(x @ w.T + b, -1)
+    loss, coef = group_objective_row_gradients(lambda ret, q: group_inference_loss(ret, q, lam), r, q_now)
+    assert float(loss) == pytest.approx(float(want), rel=1e-12)
+    for rows in (slice(0, 2), slice(2, 5), slice(5, 6)):  # three micro-batches, gradients accumulate
+        hosted_group_surrogate(torch.softmax(x[rows] @ w.T + b, -1), coef[rows]).backward()
+    for got, expected in zip((x.grad, w.grad, b.grad), want_grads):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    assert float(w.grad.abs().max()) > 1e-3

@@ -29,7 +29,7 @@ the policy over the minibatch (see ``GILModule``).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 import torch
 
@@ -48,7 +48,7 @@ __all__ = [
     "Invariance", "adjusted_rand_index", "between_group_variance", "exploration_kl_scale", "group_dro_gradient",
     "group_dro_update", "group_inference_loss", "group_masses", "group_means", "group_statistics",
     "group_surrogates", "loss_gradient_to_sample_weights", "variance_penalty", "variance_penalty_gradient",
-    "invariance_sample_weights",
+    "invariance_sample_weights", "group_objective_row_gradients", "hosted_group_surrogate",
 ]
 
 _EPS = 1e-12
@@ -198,3 +198,43 @@ def invariance_sample_weights(
     else:
         raise ValueError(f"invariance must be 'variance' or 'worst_group', got {invariance!r}")
     return loss_gradient_to_sample_weights(grad, c, normalizer)
+
+
+# ------------------------------------------------------------------------------ the group head inside the critic
+def group_objective_row_gradients(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], returns: torch.Tensor, posterior: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value of a batch objective of the group posterior and its gradient with respect to every row's posterior.
+
+    ``placement: critic`` (the head inside the critic): ``L_group`` (e.g. :func:`group_inference_loss`) couples all
+    rollouts of a minibatch (group means, masses), so it is evaluated once on the minibatch of ALL ranks at the
+    current parameters; each micro-batch then adds :func:`hosted_group_surrogate` with these coefficients, whose
+    gradient summed over micro-batches and ranks is exactly ``dL_group / dtheta = sum_i sum_g (dL/dq_ig) dq_ig/dtheta``.
+
+    Args:
+        loss_fn: ``(returns (N,), posterior (N, M)) -> scalar``.
+        returns: ``(N,)`` sequence returns (constants).
+        posterior: ``(N, M)`` ``q(g | tau_i)`` at the current parameters (detached here).
+
+    Returns:
+        ``(loss, c)``: the scalar ``L_group`` (detached) and ``c = dL_group / dq`` ``(N, M)``.
+    """
+    q = posterior.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(returns.detach(), q)
+        (grad,) = torch.autograd.grad(loss, q)
+    return loss.detach(), grad
+
+
+def hosted_group_surrogate(posterior: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``sum_i sum_g c_ig q_ig`` over a micro-batch's rows: its gradient (``c`` held fixed) is the micro-batch's share
+    of ``dL_group / dtheta`` (see :func:`group_objective_row_gradients`).
+
+    Args:
+        posterior: ``(b, M)`` ``q(g | tau_i)`` with grad (through the head and the critic's trunk).
+        coefficients: ``(b, M)`` ``dL_group / dq`` of these rows.
+
+    Returns:
+        Scalar (its value is not ``L_group``; log the value of :func:`group_objective_row_gradients`).
+    """
+    return (coefficients.to(posterior.dtype) * posterior).sum()

@@ -26,19 +26,32 @@ after the first. With ``ppo_epochs: 1`` and one minibatch per iteration GIL's up
 ``surrogate_prepass: never`` keeps the coefficients of the first step for the whole iteration (a linearisation
 at the rollout policy: no extra pass, not exact after the first step).
 
-Which parts are the paper's: a group-inference classifier maximising a variance objective, binary groups, an
-invariance objective over the inferred groups, ``p(g_high)`` tightening the KL. Our choices (spec 2): the V-REx
-form of the penalty, the Group-DRO option, the exact per-sample-weight implementation, the separate group head.
+The group head inside the critic (``GroupInference(placement="critic")``, the paper's placement): this module
+implements ``callbacks.protocols.GroupHeadHost``. The head is built with the critic (``build_models``), is a
+submodule (``group_head``: in the state dict and checkpoints), and is trained by the critic's optimizer (its own
+parameter group at the callback's ``lr``) with the critic loss ``vf_coef * L_value + critic_loss_weight * L_group``,
+``L_group`` the callback's objective on the critic's last-token hidden state WITH grad (the separate critic's trunk,
+or the shared policy trunk with ``critic: shared``). ``L_group`` couples the rows of a minibatch, so before each
+optimizer step (:meth:`GILModule.prepare_critic_minibatch`) its value and ``dL_group/dq_i`` are computed on the
+minibatch of all ranks at the current parameters (one all-gather of ``(B, M+1)`` numbers); each micro-batch adds
+``sum_i c_i . q_i`` (exact under micro-batching and DDP). ``q`` at the current parameters: at an iteration's first
+optimizer step the rollout's features (free), at later ones a no-grad critic forward over the minibatch.
+
+Which parts are the paper's: a group-inference classifier maximising a variance objective (inside the critic with
+``placement: critic``), binary groups, an invariance objective over the inferred groups, ``p(g_high)`` tightening the
+KL. Our choices (spec 2): the V-REx form of the penalty, the Group-DRO option, the exact per-sample-weight
+implementation, the separate group head (the default placement).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
+from torch import nn
 
 from callbacks.group_inference import GROUP_HIGH, GROUP_POSTERIOR
-from callbacks.protocols import SAMPLE_WEIGHT
+from callbacks.protocols import SAMPLE_WEIGHT, GroupLoss
 from lightning_rlhf.advantages import masked_mean
 from lightning_rlhf.data.batches import PromptBatch
 from lightning_rlhf.losses.gil import (
@@ -46,7 +59,9 @@ from lightning_rlhf.losses.gil import (
     group_dro_update,
     group_means,
     group_statistics,
+    group_objective_row_gradients,
     group_surrogates,
+    hosted_group_surrogate,
     invariance_sample_weights,
     variance_penalty,
 )
@@ -54,7 +69,7 @@ from lightning_rlhf.losses.ppo import policy_loss
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.rollout.experience import Experience
 from lightning_rlhf.rollout.maker import response_logits
-from lightning_rlhf.rollout.scoring import token_logprobs
+from lightning_rlhf.rollout.scoring import last_token_index, token_logprobs
 
 SurrogatePrepass = Literal["auto", "always", "never"]
 
@@ -69,7 +84,9 @@ class GILModule(PPOModule):
     Logged every iteration, besides PPO's: ``gil/var_J`` (``Var_g[J_g]`` before each optimizer step, averaged),
     ``gil/J_g{g}``, ``gil/weight_min`` / ``gil/weight_max`` (of the per-sample loss weights), ``gil/dro_w{g}``
     (``worst_group``); ``gil/score_g{g}`` (posterior-weighted raw score per inferred group), ``gil/score_high`` /
-    ``gil/score_low`` / ``gil/score_gap``, and per data domain ``score/domain_<name>`` and ``score/worst_domain``.
+    ``gil/score_low`` / ``gil/score_gap``, and per data domain ``score/domain_<name>`` and ``score/worst_domain``;
+    with the group head in the critic (``GroupInference(placement="critic")``) ``gil/critic_group_loss`` (``L_group``
+    before each optimizer step, averaged).
 
     Args:
         invariance: ``variance`` (``L_pg + beta_policy * Var_g[J_g]``, V-REx style) or ``worst_group`` (Group DRO:
@@ -116,6 +133,117 @@ class GILModule(PPOModule):
         self.register_buffer("dro_weights", torch.full((num_groups,), 1.0 / num_groups, dtype=torch.float64))
         self._frozen_stats: Optional[torch.Tensor] = None  # surrogate_prepass: never
         self._gil_sums: dict[str, torch.Tensor] = {}
+        # GroupHeadHost (GroupInference placement: critic): the head and how it is built and trained
+        self.group_head: Optional[nn.Module] = None
+        self._group_head_spec: Optional[tuple[Callable[[int], nn.Module], GroupLoss, float, Optional[float]]] = None
+
+    # ------------------------------------------------------------------ the group head inside the critic
+    def install_group_head(self, build_head: Callable[[int], nn.Module], loss_fn: GroupLoss, loss_weight: float,
+                           lr: Optional[float] = None) -> None:
+        """Host ``GroupInference``'s head in the critic (``callbacks.protocols.GroupHeadHost``; see the module
+        docstring). Built now if the models exist, else with them (before checkpoints are restored)."""
+        if self.critic_kind == "none":
+            raise ValueError("GroupInference(placement='critic') puts the group head inside the critic, but "
+                             "model.critic: none builds no critic: set model.critic: separate | shared, or use "
+                             "GroupInference placement: separate")
+        if self.feature_source != "critic":
+            raise ValueError(f"GroupInference(placement='critic') reads the critic's hidden state; "
+                             f"model.feature_source is {self.feature_source!r}: set model.feature_source: critic "
+                             f"(or use GroupInference placement: separate)")
+        first = self._group_head_spec is None
+        self._group_head_spec = (build_head, loss_fn, float(loss_weight), lr)
+        if self._models_built and (first or self.group_head is None):
+            self._build_group_head()
+
+    def _build_group_head(self) -> None:
+        assert self._group_head_spec is not None
+        config = self.critic.config if self.critic is not None else self.policy.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head = self._group_head_spec[0](int(config.hidden_size))
+        self.group_head = head.to(next(self.policy.parameters()).device)
+
+    def build_models(self) -> None:
+        """PPO's models, and the group head inside the critic when one was installed."""
+        super().build_models()
+        if self._group_head_spec is not None:
+            self._build_group_head()
+
+    @property
+    def needs_critic_hidden(self) -> bool:  # type: ignore[override]
+        """The update needs the critic's hidden states when it hosts the group head."""
+        return self.group_head is not None
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """PPO's groups, plus the hosted group head's at its own learning rate (the critic's by default)."""
+        groups = super().param_groups()
+        if self.group_head is not None and self._group_head_spec is not None:
+            lr = self._group_head_spec[3]
+            named = ((f"group_head.{n}", p) for n, p in self.group_head.named_parameters() if p.requires_grad)
+            groups += self.decay_groups(named, self.critic_lr if lr is None else lr)
+        return groups
+
+    @torch.no_grad()
+    def annotate_experience(self, exp: Experience) -> None:
+        """PPO's, keeping (hosted group head) this rank's rollout features and sequence returns for the critic's
+        group term."""
+        features = exp.extras.get("features")
+        super().annotate_experience(exp)
+        if self.group_head is not None:
+            assert features is not None, "the module computes features when GroupInference registered its hook"
+            exp.extras["group_features"] = features
+            # the rollout view's returns (callbacks.protocols): shaped score - kl_coef * summed KL
+            exp.extras["group_returns"] = (exp.shaped_scores.double() - self.kl_coef * exp.kl.sum(-1).double()).float()
+
+    @torch.no_grad()
+    def current_critic_features(self, minibatch: Experience) -> torch.Tensor:
+        """``(B, H)`` the critic's last-token hidden state at the current parameters (no grad, micro-batched)."""
+        out = []
+        for micro in minibatch.minibatches(self.micro_batch_size or len(minibatch), shuffle=False):
+            if self.critic is not None:
+                _, hidden = self.critic.token_values(micro.sequences, micro.attention_mask, return_hidden=True)
+            else:
+                _, hidden = response_logits(self.policy, micro.sequences, micro.attention_mask, micro.prompt_length,
+                                            self.temperature, output_hidden_states=True)
+            out.append(_last_token_rows(hidden, micro.attention_mask))
+        return torch.cat(out)
+
+    def prepare_critic_minibatch(self, minibatch: Experience, step: int) -> Experience:
+        """Hosted group head: ``extras["group_loss_coef"]`` ``(B, M)`` = ``critic_loss_weight * world_size *
+        dL_group/dq`` of this rank's rows, ``L_group`` evaluated on the minibatch of all ranks (DDP averages the
+        ranks' gradients, hence the world size)."""
+        if self.group_head is None:
+            return minibatch
+        assert self._group_head_spec is not None
+        _, loss_fn, weight, _ = self._group_head_spec
+        with torch.no_grad():
+            if step == 0:  # still the rollout's parameters: the rollout's features
+                features = minibatch.extras["group_features"]
+            else:
+                features = self.current_critic_features(minibatch)
+            head_param = next(self.group_head.parameters())
+            q = torch.softmax(self.group_head(features.to(head_param.device, head_param.dtype)), dim=-1).float()
+            returns = minibatch.extras["group_returns"].to(q.device, torch.float32)
+            rows = self._gather_rows(torch.cat([q, returns[:, None]], dim=-1))  # (N, M + 1)
+        loss, coef = group_objective_row_gradients(loss_fn, rows[:, -1], rows[:, :-1])
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        B = len(minibatch)
+        minibatch.extras["group_loss_coef"] = coef[rank * B:(rank + 1) * B] * (weight * world)
+        s = self._gil_sums
+        s["critic_group_loss"] = s.get("critic_group_loss", 0.0) + loss
+        s["critic_steps"] = s.get("critic_steps", 0.0) + 1.0
+        return minibatch
+
+    def critic_extra_loss(self, micro: Experience, outputs: Any) -> Optional[torch.Tensor]:
+        """Hosted group head: ``sum_i c_i . q_i`` of the micro-batch, ``q`` on the critic's hidden state with grad."""
+        if self.group_head is None or "group_loss_coef" not in micro.extras:
+            return None
+        if outputs.critic_hidden is None:
+            raise RuntimeError("GILModule: the hosted group head needs the critic's hidden states in the update")
+        features = _last_token_rows(outputs.critic_hidden, micro.attention_mask)
+        head_param = next(self.group_head.parameters())
+        q = torch.softmax(self.group_head(features.to(head_param.dtype)), dim=-1)
+        return hosted_group_surrogate(q, micro.extras["group_loss_coef"])
 
     # ------------------------------------------------------------------ the invariant objective
     @torch.no_grad()
@@ -194,7 +322,9 @@ class GILModule(PPOModule):
         self._gil_sums = {}
         upd = super().ppo_update(exp)
         s, self._gil_sums = self._gil_sums, {}
-        if s:
+        if "critic_steps" in s:
+            upd["gil/critic_group_loss"] = float(s["critic_group_loss"]) / float(s["critic_steps"])
+        if "steps" in s:
             steps = float(s["steps"])
             upd["gil/var_J"] = float(s["var_J"]) / steps
             for g, v in enumerate((s["J_g"] / steps).tolist()):
@@ -234,3 +364,10 @@ class GILModule(PPOModule):
             self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scores))
             out.update({k: torch.tensor(v) for k, v in metrics.items()})
         return out
+
+
+def _last_token_rows(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, H)`` float32 hidden state at each row's last real token, keeping the graph (the rollout's ``features``
+    are the same rows, detached: ``lightning_rlhf.rollout.maker.last_token_features``)."""
+    idx = last_token_index(attention_mask)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()

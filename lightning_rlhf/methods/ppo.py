@@ -70,12 +70,16 @@ class PPOForwardOutput:
         entropy: ``(b, R)`` per-token policy entropy (with grad only when ``ent_coef > 0``).
         policy: the :class:`PolicyLossOutput` of this micro-batch (``per_sample_surrogate`` for GIL-style losses);
             ``None`` during critic warm-up.
+        critic_hidden: ``(b, P+R, H)`` the critic trunk's last hidden states (with grad; the policy's with a shared
+            critic), when the module's ``needs_critic_hidden`` is on; else ``None`` (a shared critic always gives
+            them).
     """
 
     logprobs: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
     policy: Optional[PolicyLossOutput] = None
+    critic_hidden: Optional[torch.Tensor] = None
 
 
 class PPOModule(RLHFModule):
@@ -89,7 +93,9 @@ class PPOModule(RLHFModule):
 
     Hooks for methods built on PPO: :meth:`transform_scores` (score shaping before normalisation),
     :meth:`per_sample_kl_coef` (the base coefficients before the callbacks' scales), :meth:`prepare_minibatch`
-    (per-minibatch loss weights), :meth:`extra_loss`.
+    (per-minibatch loss weights), :meth:`extra_loss`, :meth:`prepare_critic_minibatch` and
+    :meth:`critic_extra_loss` (a critic-side term, e.g. GIL's group head inside the critic; ``needs_critic_hidden``
+    makes :meth:`forward_micro` return the critic trunk's hidden states).
 
     Logged every iteration (rank-reduced): ``iteration``, ``score/mean``, ``score/std``, ``score/shaped_mean``,
     ``kl`` (per-sequence sum), ``kl/token_mean``, ``kl_coef``, ``policy/loss``, ``policy/entropy``,
@@ -470,6 +476,20 @@ class PPOModule(RLHFModule):
         the rollout's). Collective under DDP when the method all-reduces: every rank calls it in step."""
         return minibatch
 
+    def prepare_critic_minibatch(self, minibatch: Experience, step: int) -> Experience:
+        """Called before the micro-batches of EVERY optimizer step when there is a critic (critic warm-up included;
+        identity here): a method may put per-row coefficients of a critic-side term into ``extras`` (e.g. GIL's group
+        head inside the critic). Collective under DDP when the method communicates: every rank calls it in step."""
+        return minibatch
+
+    #: :meth:`forward_micro` returns the critic trunk's hidden states (``PPOForwardOutput.critic_hidden``)
+    needs_critic_hidden: bool = False
+
+    def critic_extra_loss(self, micro: Experience, outputs: PPOForwardOutput) -> Optional[torch.Tensor]:
+        """A term added AS IS to a micro-batch's loss when there is a critic (None here): the method makes the sum
+        over micro-batches (and ranks, under DDP's gradient average) the term it means."""
+        return None
+
     def extra_loss(self, minibatch: Experience, outputs: PPOForwardOutput) -> Optional[torch.Tensor]:
         """An additional loss for a micro-batch (None here). It is weighted by the micro-batch's share of the
         minibatch's rows, so a row-mean loss accumulates to the minibatch mean."""
@@ -694,9 +714,14 @@ class PPOModule(RLHFModule):
             if not train_policy and not keep_policy_graph:
                 logprobs = logprobs.detach()
                 hidden = hidden.detach() if hidden is not None else None  # warm-up: no policy gradient
-        values = None if self.critic_kind == "none" else self._critic_values(micro.sequences, micro.attention_mask, P,
-                                                                              hidden)
-        return PPOForwardOutput(logprobs=logprobs, values=values, entropy=entropy)
+        values, critic_hidden = None, hidden
+        if self.critic is not None and self.needs_critic_hidden:
+            token_values, critic_hidden = self.critic.token_values(micro.sequences, micro.attention_mask,
+                                                                   return_hidden=True)
+            values = token_values[:, P - 1 : -1]
+        elif self.critic_kind != "none":
+            values = self._critic_values(micro.sequences, micro.attention_mask, P, hidden)
+        return PPOForwardOutput(logprobs=logprobs, values=values, entropy=entropy, critic_hidden=critic_hidden)
 
     def loss_weights(self, micro: Experience) -> Optional[torch.Tensor]:
         """``(b,)`` per-rollout weights of the policy (and KL) loss terms: the ``loss_agg`` weight (``1 / length`` for
@@ -754,6 +779,8 @@ class PPOModule(RLHFModule):
             for mb_index, mb in enumerate(exp.minibatches(self.mini_batch_size or len(exp), shuffle=True, generator=g)):
                 if train_policy:
                     mb = self.prepare_minibatch(mb, step)
+                if self.critic_kind != "none":
+                    mb = self.prepare_critic_minibatch(mb, step)
                 step += 1
                 # token-mean over the minibatch of ALL ranks: DDP averages gradients, so each rank divides its token
                 # sum by (global tokens / world size); with unequal response lengths a per-rank mean would differ
@@ -771,6 +798,9 @@ class PPOModule(RLHFModule):
                         v_loss, v_clip = value_loss(out.values, micro.values, micro.returns, mask, self.value_clip,
                                                     n_tokens)
                         loss = loss + self.vf_coef * v_loss
+                        critic_extra = self.critic_extra_loss(micro, out)
+                        if critic_extra is not None:
+                            loss = loss + critic_extra
                     if anchor_policy and out.logprobs is not None:
                         loss = loss + 0.0 * masked_sum(out.logprobs, mask)
                     if train_policy:
