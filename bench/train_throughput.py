@@ -187,7 +187,8 @@ def run_ours(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     L.seed_everything(task["seed"], verbose=False)
     common = dict(model_name_or_path=task["model"], lr=task["lr"], adam_betas=ADAM_BETAS, weight_decay=0.0,
                   warmup_steps=0, lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, micro_batch_size=None,
-                  dtype="float32", gradient_checkpointing=False, export_dir=None)
+                  dtype="float32", gradient_checkpointing=False, export_dir=None,
+                  fused_adamw=bool(task.get("fused_adamw")))
     if method == "dpo":
         module: L.LightningModule = DPOModule(beta=DPO_BETA, loss_type="sigmoid", precompute_ref_logprobs=False,
                                               padding_free=packing == "padding_free", **common)
@@ -291,7 +292,8 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
         common = dict(
             output_dir=root, max_steps=task["warmup"] + task["steps"], per_device_train_batch_size=task["batch_size"],
             gradient_accumulation_steps=1, learning_rate=task["lr"], lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch", adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
+            optim="adamw_torch_fused" if task.get("fused_adamw") else "adamw_torch", adam_beta1=ADAM_BETAS[0],
+            adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
             weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
             bf16=task["precision"] == "bf16", fp16=False, use_cpu=not cuda, report_to="none", save_strategy="no",
             eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
@@ -460,7 +462,8 @@ def format_table(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"# model {s['model']} | {s['precision']} | batch {s['batch_size']} | fixed: prompt {s['prompt_len']} + "
         f"completion {s['completion_len']} tokens | real: {s['data']}"
         + (f" {s['domains']}" if s["domains"] else "") + f", <= {s['max_length']} tokens | warm-up {s['warmup']}, "
-        f"timed {s['steps']} | lr {s['lr']}",
+        f"timed {s['steps']} | lr {s['lr']} | AdamW: " + ("fused (both sides)" if s.get("fused_adamw") else
+                                                          "torch default (both sides)"),
         "# packing: ours padding-free = model.padding_free (RM, DPO) / model.packing: padding_free (SFT), rows no "
         "longer than the micro-batch's longest sequence (DPO: one row); ours greedy = data.packing + model.packing: "
         "greedy (the batch's examples in rows of --max-length); TRL padding-free = SFTConfig(padding_free=True) (one "
@@ -514,6 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--padding-free", action="store_true",
                    help="also measure our DPO with padding_free (each micro-batch's sequences packed into one row)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="both sides use torch's fused AdamW kernel (ours model.fused_adamw, TRL optim=adamw_torch_fused)")
     p.add_argument("--no-packing-rows", dest="packing_rows", action="store_false",
                    help="leave out the packed rows (ours padding-free RM and SFT, ours greedy SFT, TRL padding-free SFT)")
     p.add_argument("--json", default=None, help="also save the header and records to this file")
@@ -564,6 +569,7 @@ def main(argv: list[str] | None = None) -> None:
                             "model": args.model, "device": args.device, "precision": args.precision,
                             "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
                             "lr": args.lr, "max_length": args.max_length, "seed": args.seed,
+                            "fused_adamw": args.fused_adamw,
                             }
                     records.append(measure(task, tmp_dir))
                     r = records[-1]

@@ -39,6 +39,12 @@ class PackedSequences(NamedTuple):
     token_index: torch.Tensor  # (R, T) long: which real token of the padded batch (row-major order) sits there; N on pad
 
 
+def has_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether a ``(B, L)`` batch has any padding. Without padding, packing saves nothing: the padding-free paths then
+    run the plain forward pass (same math, and the attention needs no packed-sequence mask)."""
+    return not bool(attention_mask.bool().all())
+
+
 def first_fit_rows(lengths: Sequence[int], capacity: int, decreasing: bool = True) -> list[list[int]]:
     """Group sequences into rows of at most ``capacity`` tokens, first fit.
 

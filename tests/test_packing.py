@@ -269,3 +269,21 @@ def test_packed_reward_model_and_sft_train_from_the_cli(in_tmp):
     with pytest.raises(ValueError, match="data.packing: none disagree"):
         main(["fit", "-c", str(REPO / "configs" / "sft" / "tiny.yaml"), "--model.init_args.packing=greedy",
               "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+
+
+def test_fused_adamw_takes_the_default_adamw_step():
+    """``model.fused_adamw`` (the per-step fixed-cost cut measured in bench/README.md) changes only float rounding."""
+    from tests.test_meta_rm import _params, fit_steps, preference_batch
+
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = RewardModelModule(lr=1e-2, export_dir=None, fused_adamw=fused, padding_free=True)
+        module.configure_model()
+        start = _params(module)
+        fit_steps(module, [preference_batch(module.tokenizer)] * 3, optimizer="adamw", steps=3, double=False)
+        assert module.optimizers().optimizer.defaults["fused"] is (True if fused else None)
+        results.append(_params(module))
+    assert any(not torch.equal(results[0][n], start[n]) for n in start)  # the steps moved the parameters
+    for n, p in results[0].items():
+        torch.testing.assert_close(results[1][n], p, atol=1e-5, rtol=1e-4, msg=n)

@@ -13,7 +13,7 @@ from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.preference_metrics import PairwiseMetrics
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
-from lightning_rlhf.packing import packed_sequences_supported, packed_token_nll
+from lightning_rlhf.packing import has_padding, packed_sequences_supported, packed_token_nll
 
 
 class RewardModelModule(RLHFModule):
@@ -35,7 +35,7 @@ class RewardModelModule(RLHFModule):
         padding_free: Score each micro-batch's ``2B`` sequences without padding: they are laid end to end in packed
             rows whose position ids restart per sequence (transformers' packed-sequence masks keep them apart), and
             each score is read at its sequence's last token. Same loss and gradients as the padded batch up to float
-            rounding (tests/test_packing.py). Needs a decoder backbone (per-token ``score`` head), a transformers
+            rounding (tests/test_packing.py). A micro-batch without padding runs the plain forward pass. Needs a decoder backbone (per-token ``score`` head), a transformers
             version with packed-sequence masks (checked at start) and an attention implementation that honours them
             (``sdpa``, ``eager``, ``flash_attention_2``).
         pack_row_length: With ``padding_free``: most tokens per packed row. ``null`` = the micro-batch's longest
@@ -106,7 +106,7 @@ class RewardModelModule(RLHFModule):
         """Scores of chosen ``(B,)`` and rejected ``(B,)`` responses, and the chosen token-mean NLL when
         ``lm_coef > 0``."""
         B = batch.num_pairs
-        if self.lm_coef > 0 and self.padding_free:
+        if self.lm_coef > 0 and self.padding_free and has_padding(batch.attention_mask):
             chosen_only = batch.loss_mask.clone()
             chosen_only[B:] = 0
             scores, hidden, packed = self.reward_model.packed_scores(batch.input_ids, batch.attention_mask,

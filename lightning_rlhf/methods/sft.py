@@ -12,7 +12,7 @@ from lightning_rlhf.data.batches import TokenBatch
 from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.models.factory import load_causal_lm
-from lightning_rlhf.packing import pack_sequences, packed_sequences_supported, packed_token_nll
+from lightning_rlhf.packing import has_padding, pack_sequences, packed_sequences_supported, packed_token_nll
 
 SFTPacking = Literal["none", "padding_free", "greedy"]
 
@@ -27,7 +27,8 @@ class SFTModule(RLHFModule):
         model_name_or_path: Model to fine-tune: hub id, local folder, or ``builtin:tiny-llama``.
         packing: ``none`` (padded batches); ``padding_free``: each micro-batch's sequences are laid end to end without
             padding in rows no longer than ``pack_row_length`` (position ids restart per sequence, transformers'
-            packed-sequence masks keep them apart), same loss and gradients as the padded batch up to float rounding;
+            packed-sequence masks keep them apart), same loss and gradients as the padded batch up to float rounding
+            (a micro-batch without padding runs the plain forward pass);
             ``greedy``: the data module packs the examples (``data.packing: greedy``, rows of ``data.max_length``)
             and the model runs on its packed rows. Both need a transformers version with packed-sequence masks and an
             attention implementation that honours them (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -86,7 +87,7 @@ class SFTModule(RLHFModule):
         if batch.position_ids is not None:  # greedy rows: sequence starts carry no loss, padding sits at row ends
             logits = self.policy(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
             return (logits, *masked_nll_sum(logits, batch.input_ids, batch.loss_mask))
-        if self.packing == "padding_free":
+        if self.packing == "padding_free" and has_padding(batch.attention_mask):
             packed = pack_sequences(batch.input_ids, batch.attention_mask, batch.loss_mask,
                                     row_length=None if self.pack_row_length == 0 else (self.pack_row_length or 1))
             logits = self.policy(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.models.factory import DType, resolve_pretrained, torch_dtype
-from lightning_rlhf.packing import PackedSequences, pack_sequences, packed_score_index
+from lightning_rlhf.packing import PackedSequences, has_padding, pack_sequences, packed_score_index
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, score_token_index
 
 
@@ -87,7 +87,8 @@ class ScalarHeadModel(nn.Module):
             padding_free: Run the trunk once over the ``B`` sequences laid end to end in one row without padding
                 (:func:`~lightning_rlhf.packing.pack_sequences`: position ids restart per sequence and transformers'
                 packed-sequence masks keep the sequences apart) and apply the head only at each sequence's score
-                token. Same scores as the padded batch up to float rounding; decoder backbones only.
+                token. Same scores as the padded batch up to float rounding; decoder backbones only. A batch without
+                padding runs the plain forward pass.
             row_length: With ``padding_free``: most tokens per packed row (``None``: the longest sequence of the
                 batch, so no row costs more attention than a padded one; ``0``: one row for the whole batch).
 
@@ -99,7 +100,7 @@ class ScalarHeadModel(nn.Module):
                 raise TypeError(f"{type(self.hf_model).__name__} pools internally: padding_free needs a decoder "
                                 "backbone (one that exposes a per-token `score` head)")
             return _at_least_float32(self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0])
-        if padding_free:
+        if padding_free and has_padding(attention_mask):
             return self.packed_scores(input_ids, attention_mask, row_length=row_length)[0]
         return self.read_scores(self.token_values(input_ids, attention_mask), input_ids, attention_mask)
 
