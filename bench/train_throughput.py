@@ -35,6 +35,9 @@ Measured per (method, data, side), after ``--warmup`` steps, over ``--steps`` ti
   for DPO and RM), mean over the timed steps; ours counted from our batches, TRL's from the batches its collator
   returned. The script fails if the two sides differ by more than 1% in any step.
 * ``tokens/s``: median over the timed steps of ``tokens / seconds`` of each step.
+* ``CPU s/step`` and ``tokens/CPU-s``: the same over the process's CPU time (``time.process_time``) between the same
+  hooks: on a CPU shared with other jobs, the time the worker was not scheduled does not count (one torch thread, no
+  data-loader workers, so CPU time ~ the step's compute). Wall time is the headline figure on a quiet machine.
 * ``peak mem``: GPU: ``torch.cuda.max_memory_allocated`` since training started (ours: reset by ``RunSummary`` at
   ``on_fit_start``; TRL: reset at ``on_train_begin``); CPU: peak resident set size (``VmHWM``) of the whole worker
   process, which includes the imported libraries: with a tiny model it is mostly the Python process itself.
@@ -213,16 +216,31 @@ def run_ours(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     tokens = [int(b.attention_mask.sum()) for b in batches]
 
     summary = RunSummary(warmup_steps=task["warmup"])
+
+    class CpuTimer(L.Callback):
+        """Process CPU time of each step, over the same hooks as ``RunSummary`` (batch start to batch end)."""
+
+        def __init__(self) -> None:
+            self.cpu_times: list[float] = []
+            self._c0 = 0.0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._c0 = time.process_time()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.cpu_times.append(time.process_time() - self._c0)
+
+    cpu_timer = CpuTimer()
     with tempfile.TemporaryDirectory(prefix="bench_ours_") as root:
         trainer = L.Trainer(
             accelerator=task["device"], devices=1, precision="bf16-mixed" if task["precision"] == "bf16" else "32-true",
             max_steps=task["warmup"] + task["steps"], logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            default_root_dir=root, callbacks=[summary],
+            default_root_dir=root, callbacks=[cpu_timer, summary],
         )
         loader = DataLoader(batches, batch_size=None, shuffle=False, collate_fn=_identity, num_workers=0)
         trainer.fit(module, train_dataloaders=loader)
-    return {"step_times": list(summary.step_times), "tokens": tokens, "peak_mem_gib": peak_memory_gib(task["device"]),
+    return {"step_times": list(summary.step_times), "cpu_times": cpu_timer.cpu_times, "tokens": tokens, "peak_mem_gib": peak_memory_gib(task["device"]),
             "global_step": trainer.global_step}
 
 
@@ -245,6 +263,8 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
 
         def __init__(self) -> None:
             self.step_times: list[float] = []
+            self.cpu_times: list[float] = []
+            self._c0 = 0.0
             self._t0 = 0.0
 
         def _sync(self) -> None:
@@ -258,10 +278,12 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sync()
             self._t0 = time.perf_counter()
+            self._c0 = time.process_time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sync()
             self.step_times.append(time.perf_counter() - self._t0)
+            self.cpu_times.append(time.process_time() - self._c0)
 
     class PreTokenizedDPOTrainer(DPOTrainer):
         """``DPOTrainer`` whose rows already hold ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``: TRL 1.16 always
@@ -325,7 +347,7 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         trainer.train()
-    return {"step_times": timer.step_times, "tokens": counter.tokens[: len(timer.step_times)],
+    return {"step_times": timer.step_times, "cpu_times": timer.cpu_times, "tokens": counter.tokens[: len(timer.step_times)],
             "peak_mem_gib": peak_memory_gib(task["device"]), "global_step": trainer.state.global_step}
 
 
@@ -368,6 +390,8 @@ def measure(task: dict[str, Any], task_dir: Path) -> dict[str, Any]:
         "median_s": statistics.median(times),
         "tokens_per_step": statistics.fmean(tokens),
         "tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
+        "median_cpu_s": statistics.median(raw["cpu_times"][W:]),
+        "tokens_per_cpu_s": statistics.median(n / max(t, 1e-9) for n, t in zip(tokens, raw["cpu_times"][W:])),
         "peak_mem_gib": raw["peak_mem_gib"], "mem_kind": "GPU" if task["device"] == "cuda" else "RSS",
         "step_times": raw["step_times"], "tokens": raw["tokens"], "worker_wall_s": round(wall_s, 1),
     }
@@ -470,7 +494,8 @@ def format_table(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "flattened row per batch); TRL 1.16's RewardTrainer has no padding-free option (its DPO padding_free: not measured)",
     ]
     cols = ["method", "data", "side", "steps timed", "s/step (median)", "tokens/step", "tokens/s", "peak mem GiB",
-            "vs TRL tokens/s", "vs TRL mem", "vs TRL padding-free tokens/s"]
+            "vs TRL tokens/s", "vs TRL mem", "vs TRL padding-free tokens/s", "CPU s/step", "tokens/CPU-s",
+            "vs TRL tokens/CPU-s"]
     by_key = {(r["method"], r["data"], r["side"], r["packing"]): r for r in records}
     table = [cols]
     for r in records:
@@ -485,6 +510,8 @@ def format_table(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
             f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "",
             f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}" if base else "",
             f"{r['tokens_per_s'] / pf['tokens_per_s']:.2f}" if pf else "",
+            f"{r['median_cpu_s']:.4f}", f"{r['tokens_per_cpu_s']:,.0f}",
+            f"{r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}" if base else "",
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     left = {0, 1, 2}
