@@ -35,6 +35,9 @@ Measured per (method, data, side), after ``--warmup`` steps, over ``--steps`` ti
   for DPO and RM), mean over the timed steps; ours counted from our batches, TRL's from the batches its collator
   returned. The script fails if the two sides differ by more than 1% in any step.
 * ``tokens/s``: median over the timed steps of ``tokens / seconds`` of each step.
+* ``CPU s/step`` and ``tokens/CPU-s``: the same over the process's CPU time (``time.process_time``) between the same
+  hooks: on a CPU shared with other jobs, the time the worker was not scheduled does not count (one torch thread, no
+  data-loader workers, so CPU time ~ the step's compute). Wall time is the headline figure on a quiet machine.
 * ``peak mem``: GPU: ``torch.cuda.max_memory_allocated`` since training started (ours: reset by ``RunSummary`` at
   ``on_fit_start``; TRL: reset at ``on_train_begin``); CPU: peak resident set size (``VmHWM``) of the whole worker
   process, which includes the imported libraries: with a tiny model it is mostly the Python process itself.
@@ -66,6 +69,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 METHODS = ("dpo", "rm", "sft")
 DATA_KINDS = ("fixed", "real")
 SIDES = ("ours", "trl")
+PACKINGS = ("none", "padding_free", "greedy")
+
+
+def runs_of(method: str, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (side, packing) rows measured for ``method``: both sides unpacked; with packing rows (default), ours
+    padding-free for the RM and SFT (DPO: with ``--padding-free``), ours greedy-packed for SFT, and TRL's own
+    padding-free SFT (``SFTConfig(padding_free=True)``; TRL 1.16's ``RewardTrainer`` has none; its ``DPOConfig`` has
+    ``padding_free``, not measured here)."""
+    out = [("ours", "none")]
+    if method == "dpo" and args.padding_free:
+        out.append(("ours", "padding_free"))
+    if method in ("rm", "sft") and args.packing_rows:
+        out.append(("ours", "padding_free"))
+        if method == "sft":
+            out.append(("ours", "greedy"))
+    out.append(("trl", "none"))
+    if method == "sft" and args.packing_rows:
+        out.append(("trl", "padding_free"))
+    return out
 RESULT_PREFIX = "BENCH_RESULT "
 TOKEN_TOLERANCE = 0.01  # largest allowed relative difference of per-step token counts between the sides
 
@@ -164,23 +186,24 @@ def run_ours(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule
     from lightning_rlhf.methods import DPOModule, RewardModelModule, SFTModule
 
-    method, B = task["method"], task["batch_size"]
+    method, B, packing = task["method"], task["batch_size"], task.get("packing", "none")
     L.seed_everything(task["seed"], verbose=False)
     common = dict(model_name_or_path=task["model"], lr=task["lr"], adam_betas=ADAM_BETAS, weight_decay=0.0,
                   warmup_steps=0, lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, micro_batch_size=None,
-                  dtype="float32", gradient_checkpointing=False, export_dir=None)
+                  dtype="float32", gradient_checkpointing=False, export_dir=None,
+                  fused_adamw=bool(task.get("fused_adamw")))
     if method == "dpo":
         module: L.LightningModule = DPOModule(beta=DPO_BETA, loss_type="sigmoid", precompute_ref_logprobs=False,
-                                              padding_free=bool(task.get("padding_free")), **common)
+                                              padding_free=packing == "padding_free", **common)
     elif method == "rm":
-        module = RewardModelModule(**common)
+        module = RewardModelModule(padding_free=packing == "padding_free", **common)
     else:
-        module = SFTModule(**common)
+        module = SFTModule(packing=packing, **common)
 
     # the data modules' own collate functions build the batches (same padding and masks as in training)
     dm_args = dict(max_length=task["max_length"], max_prompt_length=task["max_length"] - 1, batch_size=B)
     if method == "sft":
-        dm: Any = DemonstrationDataModule(**dm_args)
+        dm: Any = DemonstrationDataModule(packing="greedy" if packing == "greedy" else "none", **dm_args)
         items = [{"input_ids": ids, "seq_prompt_len": plen, "prompt_ids": ids[:plen], "domain_id": 0}
                  for ids, plen in sft_sequences(rows)]
     else:
@@ -193,16 +216,31 @@ def run_ours(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     tokens = [int(b.attention_mask.sum()) for b in batches]
 
     summary = RunSummary(warmup_steps=task["warmup"])
+
+    class CpuTimer(L.Callback):
+        """Process CPU time of each step, over the same hooks as ``RunSummary`` (batch start to batch end)."""
+
+        def __init__(self) -> None:
+            self.cpu_times: list[float] = []
+            self._c0 = 0.0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._c0 = time.process_time()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.cpu_times.append(time.process_time() - self._c0)
+
+    cpu_timer = CpuTimer()
     with tempfile.TemporaryDirectory(prefix="bench_ours_") as root:
         trainer = L.Trainer(
             accelerator=task["device"], devices=1, precision="bf16-mixed" if task["precision"] == "bf16" else "32-true",
             max_steps=task["warmup"] + task["steps"], logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            default_root_dir=root, callbacks=[summary],
+            default_root_dir=root, callbacks=[cpu_timer, summary],
         )
         loader = DataLoader(batches, batch_size=None, shuffle=False, collate_fn=_identity, num_workers=0)
         trainer.fit(module, train_dataloaders=loader)
-    return {"step_times": list(summary.step_times), "tokens": tokens, "peak_mem_gib": peak_memory_gib(task["device"]),
+    return {"step_times": list(summary.step_times), "cpu_times": cpu_timer.cpu_times, "tokens": tokens, "peak_mem_gib": peak_memory_gib(task["device"]),
             "global_step": trainer.global_step}
 
 
@@ -225,6 +263,8 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
 
         def __init__(self) -> None:
             self.step_times: list[float] = []
+            self.cpu_times: list[float] = []
+            self._c0 = 0.0
             self._t0 = 0.0
 
         def _sync(self) -> None:
@@ -238,10 +278,12 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sync()
             self._t0 = time.perf_counter()
+            self._c0 = time.process_time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sync()
             self.step_times.append(time.perf_counter() - self._t0)
+            self.cpu_times.append(time.process_time() - self._c0)
 
     class PreTokenizedDPOTrainer(DPOTrainer):
         """``DPOTrainer`` whose rows already hold ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``: TRL 1.16 always
@@ -259,7 +301,8 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
 
         def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
             out = self.inner(features)
-            self.tokens.append(int(out["attention_mask"].sum()))
+            # padding-free batches (one flattened row, no attention mask) hold real tokens only
+            self.tokens.append(int(out["attention_mask"].sum()) if "attention_mask" in out else out["input_ids"].numel())
             return out
 
     path = resolved_model(task["model"])
@@ -271,7 +314,8 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
         common = dict(
             output_dir=root, max_steps=task["warmup"] + task["steps"], per_device_train_batch_size=task["batch_size"],
             gradient_accumulation_steps=1, learning_rate=task["lr"], lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch", adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
+            optim="adamw_torch_fused" if task.get("fused_adamw") else "adamw_torch", adam_beta1=ADAM_BETAS[0],
+            adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS,
             weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
             bf16=task["precision"] == "bf16", fp16=False, use_cpu=not cuda, report_to="none", save_strategy="no",
             eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
@@ -292,15 +336,18 @@ def run_trl(task: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
         else:
             data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * plen + ids[plen:]}
                                       for ids, plen in sft_sequences(rows)])
-            trainer = SFTTrainer(model=path, args=SFTConfig(packing=False, padding_free=False, loss_type="nll",
-                                                            **common),
+            trl_padding_free = task.get("packing") == "padding_free"
+            if trl_padding_free:  # TRL refuses a max_length it does not enforce; every row already fits in it
+                common["max_length"] = None
+            trainer = SFTTrainer(model=path, args=SFTConfig(packing=False, padding_free=trl_padding_free,
+                                                            loss_type="nll", **common),
                                  train_dataset=data, processing_class=tokenizer, callbacks=[timer])
         if len(trainer.train_dataset) != len(rows):
             raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of the {len(rows)} rows it was given")
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         trainer.train()
-    return {"step_times": timer.step_times, "tokens": counter.tokens[: len(timer.step_times)],
+    return {"step_times": timer.step_times, "cpu_times": timer.cpu_times, "tokens": counter.tokens[: len(timer.step_times)],
             "peak_mem_gib": peak_memory_gib(task["device"]), "global_step": trainer.state.global_step}
 
 
@@ -333,15 +380,18 @@ def run_worker(script: str, name: str, task: dict[str, Any], task_dir: Path) -> 
 
 def measure(task: dict[str, Any], task_dir: Path) -> dict[str, Any]:
     """Run one measurement in a fresh Python process and summarise it."""
-    raw, wall_s = run_worker(os.path.abspath(__file__), f"{task['method']}_{task['data']}_{task['side']}", task,
-                             task_dir)
+    raw, wall_s = run_worker(os.path.abspath(__file__),
+                             f"{task['method']}_{task['data']}_{task['side']}_{task['packing']}", task, task_dir)
     W = task["warmup"]
     times, tokens = raw["step_times"][W:], raw["tokens"][W:]
     return {
-        "method": task["method"], "data": task["data"], "side": task["side"], "steps_timed": len(times),
+        "method": task["method"], "data": task["data"], "side": task["side"], "packing": task["packing"],
+        "steps_timed": len(times),
         "median_s": statistics.median(times),
         "tokens_per_step": statistics.fmean(tokens),
         "tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
+        "median_cpu_s": statistics.median(raw["cpu_times"][W:]),
+        "tokens_per_cpu_s": statistics.median(n / max(t, 1e-9) for n, t in zip(tokens, raw["cpu_times"][W:])),
         "peak_mem_gib": raw["peak_mem_gib"], "mem_kind": "GPU" if task["device"] == "cuda" else "RSS",
         "step_times": raw["step_times"], "tokens": raw["tokens"], "worker_wall_s": round(wall_s, 1),
     }
@@ -349,11 +399,19 @@ def measure(task: dict[str, Any], task_dir: Path) -> dict[str, Any]:
 
 def token_mismatches(ours: dict[str, Any], trl: dict[str, Any]) -> list[str]:
     """Steps where the two sides' token counts differ by more than ``TOKEN_TOLERANCE`` (all steps, warm-up included)."""
-    where = f"{ours['method']}/{ours['data']}"
+    where = f"{ours['method']}/{ours['data']} ({ours['side']} {ours['packing']} vs {trl['side']} {trl['packing']})"
     if len(ours["tokens"]) != len(trl["tokens"]):
         return [f"{where}: ours counted {len(ours['tokens'])} batches, TRL {len(trl['tokens'])}"]
     return [f"{where} step {i}: ours {a} tokens, TRL {b}" for i, (a, b) in enumerate(zip(ours["tokens"], trl["tokens"]))
             if abs(a - b) > TOKEN_TOLERANCE * max(a, b)]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other processes share the CPU: label timings with them)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def machine(device: str) -> str:
@@ -408,6 +466,12 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _label(r: dict[str, Any]) -> str:
+    """``ours`` / ``TRL``, with the packing mode when there is one."""
+    side = "TRL" if r["side"] == "trl" else "ours"
+    return side if r["packing"] == "none" else f"{side} {r['packing'].replace('_', '-')}"
+
+
 def format_table(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """The header lines and the aligned table."""
     s = head["settings"]
@@ -415,26 +479,39 @@ def format_table(head: dict[str, Any], records: list[dict[str, Any]]) -> str:
     lines = [
         f"# {head['date']} | {head['machine']} | device {head['device']}, {head['torch_threads']} torch threads | "
         f"torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, lightning {v['lightning']}",
-        f"# code: git {head['git']}",
+        f"# code: git {head['git']}" + (f" | load average before/after: {head['load_before']} / {head['load_after']}"
+                                        if "load_before" in head else ""),
         *([f"# WARNING: the code changed during the run (now git {head['git_at_end']}); measure again on a tree that "
            "stays put"] if "git_at_end" in head else []),
         f"# model {s['model']} | {s['precision']} | batch {s['batch_size']} | fixed: prompt {s['prompt_len']} + "
         f"completion {s['completion_len']} tokens | real: {s['data']}"
         + (f" {s['domains']}" if s["domains"] else "") + f", <= {s['max_length']} tokens | warm-up {s['warmup']}, "
-        f"timed {s['steps']} | lr {s['lr']}" + (" | ours: DPO padding-free" if s.get("padding_free") else ""),
+        f"timed {s['steps']} | lr {s['lr']} | AdamW: " + ("fused (both sides)" if s.get("fused_adamw") else
+                                                          "torch default (both sides)"),
+        "# packing: ours padding-free = model.padding_free (RM, DPO) / model.packing: padding_free (SFT), rows no "
+        "longer than the micro-batch's longest sequence (DPO: one row); ours greedy = data.packing + model.packing: "
+        "greedy (the batch's examples in rows of --max-length); TRL padding-free = SFTConfig(padding_free=True) (one "
+        "flattened row per batch); TRL 1.16's RewardTrainer has no padding-free option (its DPO padding_free: not measured)",
     ]
     cols = ["method", "data", "side", "steps timed", "s/step (median)", "tokens/step", "tokens/s", "peak mem GiB",
-            "ours/TRL tokens/s", "ours/TRL mem"]
-    by_key = {(r["method"], r["data"], r["side"]): r for r in records}
+            "vs TRL tokens/s", "vs TRL mem", "vs TRL padding-free tokens/s", "CPU s/step", "tokens/CPU-s",
+            "vs TRL tokens/CPU-s"]
+    by_key = {(r["method"], r["data"], r["side"], r["packing"]): r for r in records}
     table = [cols]
     for r in records:
-        other = by_key.get((r["method"], r["data"], "trl")) if r["side"] == "ours" else None
+        base = by_key.get((r["method"], r["data"], "trl", "none"))
+        base = None if base is r else base
+        pf = by_key.get((r["method"], r["data"], "trl", "padding_free"))
+        pf = None if pf is r or r["side"] == "trl" else pf
         table.append([
-            r["method"], r["data"], "TRL" if r["side"] == "trl" else "ours", str(r["steps_timed"]),
+            r["method"], r["data"], _label(r), str(r["steps_timed"]),
             f"{r['median_s']:.4f}", f"{r['tokens_per_step']:.0f}", f"{r['tokens_per_s']:,.0f}",
             f"{r['peak_mem_gib']:.3f} {r['mem_kind']}",
-            f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}" if other else "",
-            f"{r['peak_mem_gib'] / other['peak_mem_gib']:.2f}" if other else "",
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "",
+            f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}" if base else "",
+            f"{r['tokens_per_s'] / pf['tokens_per_s']:.2f}" if pf else "",
+            f"{r['median_cpu_s']:.4f}", f"{r['tokens_per_cpu_s']:,.0f}",
+            f"{r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}" if base else "",
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     left = {0, 1, 2}
@@ -466,7 +543,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--padding-free", action="store_true",
-                   help="our DPO scores each micro-batch's sequences packed into one row without padding")
+                   help="also measure our DPO with padding_free (each micro-batch's sequences packed into one row)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="both sides use torch's fused AdamW kernel (ours model.fused_adamw, TRL optim=adamw_torch_fused)")
+    p.add_argument("--no-packing-rows", dest="packing_rows", action="store_false",
+                   help="leave out the packed rows (ours padding-free RM and SFT, ours greedy SFT, TRL padding-free SFT)")
     p.add_argument("--json", default=None, help="also save the header and records to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -498,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     vocab = min(len(tokenizer), AutoConfig.from_pretrained(path).vocab_size)
     n_rows = (args.warmup + args.steps) * args.batch_size
     head = header(args)
+    head["load_before"] = load_average()
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         tmp_dir = Path(tmp)
@@ -509,28 +591,30 @@ def main(argv: list[str] | None = None) -> None:
             rows_path = tmp_dir / f"rows_{kind}.json"
             rows_path.write_text(json.dumps(rows))
             for method in args.methods:
-                for side in SIDES:
-                    task = {"method": method, "data": kind, "side": side, "rows_path": str(rows_path),
+                for side, packing in runs_of(method, args):
+                    task = {"method": method, "data": kind, "side": side, "packing": packing, "rows_path": str(rows_path),
                             "model": args.model, "device": args.device, "precision": args.precision,
                             "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
                             "lr": args.lr, "max_length": args.max_length, "seed": args.seed,
-                            "padding_free": args.padding_free}
+                            "fused_adamw": args.fused_adamw,
+                            }
                     records.append(measure(task, tmp_dir))
                     r = records[-1]
-                    print(f"  {method:<4} {kind:<6} {side:<5} {r['median_s']:.4f} s/step  "
+                    print(f"  {method:<4} {kind:<6} {side:<5} {packing:<12} {r['median_s']:.4f} s/step  "
                           f"({r['worker_wall_s']} s in all)", file=sys.stderr, flush=True)
+    head["load_after"] = load_average()
     end_state = git_state()
     if end_state != head["git"]:
         head["git_at_end"] = end_state
     order = {(m, d): i for i, (m, d) in enumerate((m, d) for m in args.methods for d in args.data_kinds)}
-    records.sort(key=lambda r: (order[(r["method"], r["data"])], SIDES.index(r["side"])))
+    records.sort(key=lambda r: (order[(r["method"], r["data"])], SIDES.index(r["side"]), PACKINGS.index(r["packing"])))
     print(format_table(head, records), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"header": head, "records": records}, indent=1) + "\n")
-    by_key = {(r["method"], r["data"], r["side"]): r for r in records}
-    problems = [msg for m in args.methods for d in args.data_kinds
-                for msg in token_mismatches(by_key[(m, d, "ours")], by_key[(m, d, "trl")])]
+    by_key = {(r["method"], r["data"], r["side"], r["packing"]): r for r in records}
+    problems = [msg for r in records if not (r["side"] == "trl" and r["packing"] == "none")
+                for msg in token_mismatches(r, by_key[(r["method"], r["data"], "trl", "none")])]
     if problems:
         raise SystemExit("Unequal work: the sides' per-step token counts differ by more than "
                          f"{TOKEN_TOLERANCE:.0%}:\n  " + "\n  ".join(problems))

@@ -46,14 +46,21 @@ def occupied_columns(attention_mask: torch.Tensor) -> slice:
 
 @dataclass
 class TokenBatch:
-    """Prompt + response sequences for SFT / demonstrations."""
+    """Prompt + response sequences for SFT / demonstrations.
 
-    input_ids: torch.Tensor  # (B, T)
+    Packed batches (``DemonstrationDataModule(packing="greedy")``) have ``position_ids``: each row then holds several
+    sequences end to end, position ids restart at 0 for each, ``loss_mask`` is 0 on every sequence's first token,
+    the padding sits at the row ends, ``domain_ids`` is the domain of each row's first sequence, and there are no
+    prompt tensors. The model is called with these ``position_ids`` and no attention mask (packed-sequence masks).
+    """
+
+    input_ids: torch.Tensor  # (B, T) (packed: R rows)
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     loss_mask: torch.Tensor  # (B, T) 1 on response tokens
     domain_ids: torch.Tensor  # (B,) index into the data module's domain_names
     prompt_input_ids: torch.Tensor | None = None  # (B, P) left-padded prompts (for sampling on demo prompts)
     prompt_attention_mask: torch.Tensor | None = None  # (B, P)
+    position_ids: torch.Tensor | None = None  # (R, T) packed rows only: restarting at 0 per sequence, 0 on padding
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -69,6 +76,7 @@ class TokenBatch:
             self.domain_ids[start:stop],
             opt(self.prompt_input_ids),
             opt(self.prompt_attention_mask),
+            None if self.position_ids is None else self.position_ids[start:stop, cols],
         )
 
 

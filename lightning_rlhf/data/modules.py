@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from lightning_rlhf.data.batches import PaddingSide, PreferenceBatch, PromptBatch, SampleSetBatch, TokenBatch
 from lightning_rlhf.data.batches import pad_sequences
 from lightning_rlhf.data.resumable import ResumableSampler
+from lightning_rlhf.packing import first_fit_rows
 from lightning_rlhf.data.sources import (
     BUILTIN_PREFIX,
     DataValidationError,
@@ -383,6 +384,36 @@ def _pairs_to_tensors(prompt_lens: list[int], seqs: list[list[int]], pad_id: int
     return input_ids, attention_mask, loss_mask
 
 
+def greedy_pack(
+    seqs: list[list[int]], prompt_lens: list[int], domain_ids: list[int], row_length: int, pad_id: int
+) -> TokenBatch:
+    """Lay sequences end to end in rows of at most ``row_length`` tokens (first-fit decreasing,
+    :func:`~lightning_rlhf.packing.first_fit_rows`), right-padded to the longest row: a packed
+    :class:`~lightning_rlhf.data.batches.TokenBatch` (``position_ids`` restart per sequence; ``loss_mask`` 1 on the
+    response tokens except a sequence's first token, which no logits of its own sequence predict).
+
+    Args:
+        seqs: ``B`` token-id sequences (prompt + response).
+        prompt_lens: Prompt tokens at the start of each.
+        domain_ids: Domain of each.
+        row_length: Most tokens per row (a longer sequence gets a row of its own).
+        pad_id: Fill id of the row ends.
+    """
+    rows = first_fit_rows([len(s) for s in seqs], row_length)
+    ids, pos, loss = [], [], []
+    for row in rows:
+        ids.append([t for i in row for t in seqs[i]])
+        pos.append([p for i in row for p in range(len(seqs[i]))])
+        loss.append([int(p >= max(prompt_lens[i], 1)) for i in row for p in range(len(seqs[i]))])
+    return TokenBatch(
+        input_ids=pad_sequences(ids, pad_id, "right"),
+        attention_mask=pad_sequences([[1] * len(r) for r in ids], 0, "right"),
+        loss_mask=pad_sequences(loss, 0, "right"),
+        domain_ids=torch.tensor([domain_ids[row[0]] for row in rows], dtype=torch.long),
+        position_ids=pad_sequences(pos, 0, "right"),
+    )
+
+
 class PreferenceDataModule(_TextDataModule):
     """Preference pairs ``(prompt, chosen, rejected)`` for reward models and DPO-style methods.
 
@@ -445,14 +476,28 @@ class DemonstrationDataModule(_TextDataModule):
     Args:
         response_column: Column holding the demonstrated response.
         padding_side: Pad sequences on the ``right`` (default) or ``left``.
+        packing: ``none``, or ``greedy``: each batch's ``batch_size`` examples are laid end to end in as few rows of at
+            most ``max_length`` tokens as first-fit decreasing finds, with position ids restarting per example (no
+            attention across examples, see :class:`~lightning_rlhf.data.batches.TokenBatch`); the same examples per
+            batch, so the same token-mean loss as unpacked. Raise ``batch_size`` to fill more rows per step. Train
+            with ``model.packing: greedy``. Packed batches carry no prompt tensors (no sampling on their prompts).
     """
 
     kind = "demonstrations"
 
-    def __init__(self, response_column: str = "response", padding_side: PaddingSide = "right", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        response_column: str = "response",
+        padding_side: PaddingSide = "right",
+        packing: Literal["none", "greedy"] = "none",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        if packing not in ("none", "greedy"):
+            raise ValueError(f"data.packing must be 'none' or 'greedy', got {packing!r}")
         self.response_column = response_column
         self.padding_side = padding_side
+        self.packing = packing
 
     def columns(self) -> dict[str, str]:
         return {"prompt": self.prompt_column, "response": self.response_column}
@@ -469,6 +514,9 @@ class DemonstrationDataModule(_TextDataModule):
 
     def collate(self, items: list[dict[str, Any]]) -> TokenBatch:
         pad = self.tokenizer.pad_token_id
+        if self.packing == "greedy":
+            return greedy_pack([it["input_ids"] for it in items], [it["seq_prompt_len"] for it in items],
+                               [it["domain_id"] for it in items], self.max_length, pad)
         input_ids, attention_mask, loss_mask = _pairs_to_tensors(
             [it["seq_prompt_len"] for it in items], [it["input_ids"] for it in items], pad, self.padding_side
         )

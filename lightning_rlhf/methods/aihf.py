@@ -31,6 +31,7 @@ from lightning_rlhf.losses.aihf import RewardDemoTerm, TermNorm, aihf_reward_los
 from lightning_rlhf.methods.aihf_dpo import _stream_names, demonstration_pairs
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.models.roles import OptimizerRole, named_trainable
+from lightning_rlhf.packing import packed_sequences_supported
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class AIHFModule(PPOModule):
         prompt_stream: Name of the prompt stream.
         preference_stream: Name of the preference stream.
         demonstration_stream: Name of the demonstration stream.
+        reward_padding_free: Score the reward step's pairs without padding, as ``RewardModelModule``'s
+            ``padding_free`` does (packed rows no longer than the micro-batch's longest sequence; same loss and
+            gradients up to float rounding). The rollout's scoring is unchanged.
     """
 
     optimizer_role_names = ("policy", "reward")
@@ -77,6 +81,7 @@ class AIHFModule(PPOModule):
         prompt_stream: str = "prompts",
         preference_stream: str = "preferences",
         demonstration_stream: str = "demonstrations",
+        reward_padding_free: bool = False,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("reward_model_name_or_path") is None or kwargs.get("reward_fn") is not None:
@@ -98,6 +103,11 @@ class AIHFModule(PPOModule):
             raise ValueError(f"model.reward_moments must be 'reset' or 'keep', got {reward_moments!r}")
         if reward_lr <= 0:
             raise ValueError(f"model.reward_lr must be positive, got {reward_lr}")
+        if reward_padding_free and not packed_sequences_supported():
+            raise ValueError("model.reward_padding_free needs a transformers version with packed-sequence attention "
+                             "masks (transformers.masking_utils.find_packed_sequence_indices); upgrade transformers or "
+                             "set model.reward_padding_free: false")
+        self.reward_padding_free = reward_padding_free
         self.reward_lr = reward_lr
         self.w_D = float(w_D)
         self.w_P = float(w_P)
@@ -120,6 +130,10 @@ class AIHFModule(PPOModule):
         if getattr(self.reward_source, "needs_text", False):
             raise ValueError("model.reward_model_name_or_path: AIHFModule's reward model must share the policy's "
                              "vocabulary (it scores the preference and demonstration token ids directly)")
+        if self.reward_padding_free and not self.reward_model.per_token:
+            raise ValueError("model.reward_padding_free needs a decoder reward model with a per-token score head; "
+                             f"{type(self.reward_model.hf_model).__name__} pools internally. Set "
+                             "model.reward_padding_free: false.")
         self.reward_model.requires_grad_(True)
 
     @property
@@ -209,7 +223,8 @@ class AIHFModule(PPOModule):
             for i, (kind, batch, s, e) in enumerate(chunks):
                 mb = batch.slice(s, e)
                 n = mb.num_pairs
-                scores = self.reward_model(mb.input_ids, mb.attention_mask)  # (2n,)
+                scores = self.reward_model(mb.input_ids, mb.attention_mask,
+                                           padding_free=self.reward_padding_free)  # (2n,)
                 if kind == "demo":
                     out = aihf_reward_loss(scores[:n], scores[n:], empty, empty, **kw)
                 else:

@@ -13,12 +13,8 @@ from lightning_rlhf.losses.preference import DPOLossType, DPOOutput, dpo_loss
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.preference_metrics import PairwiseMetrics
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
-from lightning_rlhf.rollout.scoring import (
-    pack_sequences,
-    packed_sequence_logprobs,
-    packed_sequences_supported,
-    sequence_logprobs,
-)
+from lightning_rlhf.packing import pack_sequences, packed_sequence_logprobs, packed_sequences_supported
+from lightning_rlhf.rollout.scoring import sequence_logprobs
 
 
 class DPOModule(RLHFModule):

@@ -80,6 +80,9 @@ class MetaRewardModelModule(RewardModelModule):
         histogram_bins: Bins of ``[0, 1]`` in the logged histogram of normalised ``|delta r|`` on validation samples.
         center_coef: See :class:`RewardModelModule`.
         lm_coef: See :class:`RewardModelModule`.
+        padding_free: See :class:`RewardModelModule`; applies to the meta pass over the sample sets too (also the
+            double backward of ``meta_order: second``).
+        pack_row_length: See :class:`RewardModelModule`.
     """
 
     def __init__(
@@ -226,7 +229,7 @@ class MetaRewardModelModule(RewardModelModule):
         scores = []
         for s, e in self.meta_micro_batches(B):
             mb = samples.slice(s, e)
-            r = self.reward_model(mb.input_ids, mb.attention_mask)  # (mb*k,) read at the last non-pad token
+            r = self.score_sequences(mb.input_ids, mb.attention_mask)  # (mb*k,) read at the last non-pad token
             J = difference_loss(r, k, self.difference_norm, self.abs_eps).sum() / B
             g = torch.autograd.grad(J, params, materialize_grads=True)  # no DDP hook fires
             if grads is None:
@@ -250,7 +253,7 @@ class MetaRewardModelModule(RewardModelModule):
         for s, e in self.meta_micro_batches(B):
             mb = samples.slice(s, e)
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-                r = self.reward_model(mb.input_ids, mb.attention_mask)
+                r = self.score_sequences(mb.input_ids, mb.attention_mask)
                 J = difference_loss(r, k, self.difference_norm, self.abs_eps).sum() / B
                 g = torch.autograd.grad(J, params, create_graph=True, materialize_grads=True)
                 dot = sum((gi * vi).sum() for gi, vi in zip(g, vector) if gi.requires_grad)
@@ -342,7 +345,7 @@ class MetaRewardModelModule(RewardModelModule):
         if samples is not None:
             for s, e in self.meta_micro_batches(samples.num_prompts):
                 mb = samples.slice(s, e)
-                r = self.reward_model(mb.input_ids, mb.attention_mask)
+                r = self.score_sequences(mb.input_ids, mb.attention_mask)
                 stats[0] += within_prompt_std(r, samples.num_samples).double().sum()
                 stats[1] += e - s
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -355,7 +358,7 @@ class MetaRewardModelModule(RewardModelModule):
             for value in batch.values():
                 self.validation_step(value, batch_idx, dataloader_idx)
         elif isinstance(batch, SampleSetBatch):
-            r = self.reward_model(batch.input_ids, batch.attention_mask)
+            r = self.score_sequences(batch.input_ids, batch.attention_mask)
             self._val_abs_deltas.append(pairwise_abs_differences(r, batch.num_samples).flatten().float())
             self._val_stds.append(within_prompt_std(r, batch.num_samples))
         elif isinstance(batch, PreferenceBatch):

@@ -13,6 +13,7 @@ from lightning_rlhf.losses.sft import masked_nll_sum
 from lightning_rlhf.methods.base import RLHFModule
 from lightning_rlhf.methods.preference_metrics import PairwiseMetrics
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
+from lightning_rlhf.packing import has_padding, packed_sequences_supported, packed_token_nll
 
 
 class RewardModelModule(RLHFModule):
@@ -31,15 +32,40 @@ class RewardModelModule(RLHFModule):
         center_coef: Weight of the score-centering penalty ``(r_w + r_l)^2``.
         lm_coef: Weight of the LM loss on the chosen response (needs a backbone whose input embeddings are tied to
             its output layer, so the LM head is available).
+        padding_free: Score each micro-batch's ``2B`` sequences without padding: they are laid end to end in packed
+            rows whose position ids restart per sequence (transformers' packed-sequence masks keep them apart), and
+            each score is read at its sequence's last token. Same loss and gradients as the padded batch up to float
+            rounding (tests/test_packing.py). A micro-batch without padding runs the plain forward pass. Needs a decoder backbone (per-token ``score`` head), a transformers
+            version with packed-sequence masks (checked at start) and an attention implementation that honours them
+            (``sdpa``, ``eager``, ``flash_attention_2``).
+        pack_row_length: With ``padding_free``: most tokens per packed row. ``null`` = the micro-batch's longest
+            sequence (rows filled first-fit decreasing: no row costs more attention than a padded row, which matters
+            for ``sdpa``/``eager``, whose packed-row attention is dense); ``0`` = one row holding the whole
+            micro-batch (for ``flash_attention_2``, which attends per sequence).
         micro_batch_size: Pairs per micro-batch (gradient accumulation inside a step).
     """
 
-    def __init__(self, center_coef: float = 0.0, lm_coef: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        center_coef: float = 0.0,
+        lm_coef: float = 0.0,
+        padding_free: bool = False,
+        pack_row_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if center_coef < 0 or lm_coef < 0:
             raise ValueError("model.center_coef and model.lm_coef must be >= 0")
+        if padding_free and not packed_sequences_supported():
+            raise ValueError("model.padding_free needs a transformers version with packed-sequence attention masks "
+                             "(transformers.masking_utils.find_packed_sequence_indices); upgrade transformers or set "
+                             "model.padding_free: false")
+        if pack_row_length is not None and pack_row_length < 0:
+            raise ValueError(f"model.pack_row_length must be >= 0 or null, got {pack_row_length}")
         self.center_coef = center_coef
         self.lm_coef = lm_coef
+        self.padding_free = padding_free
+        self.pack_row_length = pack_row_length
         self.save_hyperparameters()
         self.val_metrics: PairwiseMetrics | None = None
 
@@ -58,6 +84,10 @@ class RewardModelModule(RLHFModule):
                 "model.lm_coef > 0 needs a decoder backbone with tied input/output embeddings "
                 f"({self.model_name_or_path!r} has none); set model.lm_coef: 0."
             )
+        if self.padding_free and not self.reward_model.per_token:
+            raise ValueError(f"model.padding_free needs a decoder backbone with a per-token score head; "
+                             f"{type(self.reward_model.hf_model).__name__} pools internally. Set model.padding_free: "
+                             "false.")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # strategy checks
@@ -66,9 +96,24 @@ class RewardModelModule(RLHFModule):
     def export_model(self) -> nn.Module:
         return self.reward_model
 
+    def score_sequences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` scores of ``(N, T)`` padded sequences, read at each one's last non-pad token; computed padding-free
+        when ``model.padding_free`` (every scoring pass of this module and of MetaRM goes through here)."""
+        return self.reward_model(input_ids, attention_mask, padding_free=self.padding_free,
+                                 row_length=self.pack_row_length)
+
     def score_pairs(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Scores of chosen ``(B,)`` and rejected ``(B,)`` responses, and the chosen NLL sum when ``lm_coef > 0``."""
+        """Scores of chosen ``(B,)`` and rejected ``(B,)`` responses, and the chosen token-mean NLL when
+        ``lm_coef > 0``."""
         B = batch.num_pairs
+        if self.lm_coef > 0 and self.padding_free and has_padding(batch.attention_mask):
+            chosen_only = batch.loss_mask.clone()
+            chosen_only[B:] = 0
+            scores, hidden, packed = self.reward_model.packed_scores(batch.input_ids, batch.attention_mask,
+                                                                     chosen_only, row_length=self.pack_row_length)
+            emb = self.reward_model.hf_model.get_input_embeddings().weight
+            nll, n = packed_token_nll(hidden @ emb.T, packed)  # rejected rows carry no loss tokens
+            return scores[:B], scores[B:], nll / n.clamp(min=1)
         if self.lm_coef > 0:
             values, hidden = self.reward_model.token_values(batch.input_ids, batch.attention_mask, return_hidden=True)
             scores = self.reward_model.read_scores(values, batch.input_ids, batch.attention_mask)
@@ -76,7 +121,7 @@ class RewardModelModule(RLHFModule):
             logits = hidden[:B] @ emb.T
             nll, n = masked_nll_sum(logits, batch.input_ids[:B], batch.loss_mask[:B])
             return scores[:B], scores[B:], nll / n.clamp(min=1)
-        scores = self.reward_model(batch.input_ids, batch.attention_mask)
+        scores = self.score_sequences(batch.input_ids, batch.attention_mask)
         return scores[:B], scores[B:], None
 
     def preference_backward(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.models.factory import DType, resolve_pretrained, torch_dtype
+from lightning_rlhf.packing import PackedSequences, has_padding, pack_sequences, packed_score_index
 from lightning_rlhf.rollout.scoring import position_ids_from_attention_mask, score_token_index
 
 
@@ -71,19 +72,66 @@ class ScalarHeadModel(nn.Module):
         values = _at_least_float32(self.hf_model.score(hidden).squeeze(-1))  # (B, T)
         return (values, hidden) if return_hidden else values
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        padding_free: bool = False,
+        row_length: int | None = None,
+    ) -> torch.Tensor:
         """Sequence scores read at the last real token that is not the pad id (transformers' convention).
 
         Args:
             input_ids: ``(B, T)``, left or right padded.
             attention_mask: ``(B, T)``.
+            padding_free: Run the trunk once over the ``B`` sequences laid end to end in one row without padding
+                (:func:`~lightning_rlhf.packing.pack_sequences`: position ids restart per sequence and transformers'
+                packed-sequence masks keep the sequences apart) and apply the head only at each sequence's score
+                token. Same scores as the padded batch up to float rounding; decoder backbones only. A batch without
+                padding runs the plain forward pass.
+            row_length: With ``padding_free``: most tokens per packed row (``None``: the longest sequence of the
+                batch, so no row costs more attention than a padded one; ``0``: one row for the whole batch).
 
         Returns:
             ``(B,)`` float32 scores (float64 for a float64 model).
         """
         if not self.per_token:
+            if padding_free:
+                raise TypeError(f"{type(self.hf_model).__name__} pools internally: padding_free needs a decoder "
+                                "backbone (one that exposes a per-token `score` head)")
             return _at_least_float32(self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0])
+        if padding_free and has_padding(attention_mask):
+            return self.packed_scores(input_ids, attention_mask, row_length=row_length)[0]
         return self.read_scores(self.token_values(input_ids, attention_mask), input_ids, attention_mask)
+
+    def packed_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        row_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, PackedSequences]:
+        """Scores of a padded batch computed padding-free (see :meth:`forward`), with the trunk's packed hidden states.
+
+        Args:
+            input_ids: ``(B, L)``, left or right padded.
+            attention_mask: ``(B, L)``.
+            loss_mask: ``(B, L)`` carried into the packed batch (for an LM loss on the hidden states); default zeros.
+            row_length: Most tokens per packed row (``None``: the batch's longest sequence; ``0``: one row).
+
+        Returns:
+            ``(B,)`` scores, the ``(R, T, H)`` hidden states of the packed rows and the
+            :class:`~lightning_rlhf.packing.PackedSequences` they belong to.
+        """
+        if loss_mask is None:
+            loss_mask = torch.zeros_like(attention_mask)
+        packed = pack_sequences(input_ids, attention_mask, loss_mask,
+                                row_length=None if row_length == 0 else (row_length or 1))
+        hidden = self._trunk()(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)[0]
+        idx = packed_score_index(input_ids, attention_mask, getattr(self.config, "pad_token_id", None), packed)
+        picked = hidden.reshape(-1, hidden.shape[-1])[idx]  # (B, H) each sequence's score token
+        scores = _at_least_float32(self.hf_model.score(picked).squeeze(-1))  # (B,)
+        return scores, hidden, packed
 
     def read_scores(self, values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``(B,)`` sequence scores from per-token ``values`` ``(B, T)``, read at :func:`score_token_index`."""

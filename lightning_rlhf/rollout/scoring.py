@@ -5,8 +5,6 @@ Token alignment used everywhere in the package: the logits at position ``t-1`` s
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 
@@ -154,64 +152,3 @@ def score_token_index(
         return last_real
     keep = attention_mask.bool() & (input_ids != pad_token_id)
     return torch.where(keep.any(-1), last_token_index(keep), last_real)
-
-
-class PackedSequences(NamedTuple):
-    """Several sequences laid end to end in one row, without padding (see :func:`pack_sequences`)."""
-
-    input_ids: torch.Tensor  # (1, T) the real tokens of every sequence, in order
-    position_ids: torch.Tensor  # (1, T) restarting at 0 for each sequence
-    segment: torch.Tensor  # (T,) long: index of the sequence each token belongs to
-    loss_mask: torch.Tensor  # (T,) the tokens to score
-    num_sequences: int
-
-
-def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> PackedSequences:
-    """Drop the padding of a batch and lay its sequences end to end (padding-free forward passes).
-
-    A transformers causal LM called with these ``position_ids`` and ``attention_mask=None`` (and no cache) sees the
-    restarts of the position ids and attends within each sequence only (its packed-sequence masks), so the logits of
-    every token equal those of the padded batch.
-
-    Args:
-        input_ids: ``(B, L)`` left- or right-padded ids.
-        attention_mask: ``(B, L)`` 1 on real tokens.
-        loss_mask: ``(B, L)`` 1 on the tokens to score.
-
-    Returns:
-        :class:`PackedSequences` with ``T = attention_mask.sum()``.
-    """
-    keep = attention_mask.bool()
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
-    positions = position_ids_from_attention_mask(attention_mask)
-    return PackedSequences(input_ids[keep][None], positions[keep][None], rows[keep], loss_mask[keep],
-                           int(input_ids.shape[0]))
-
-
-def packed_sequence_logprobs(logits: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
-    """:func:`sequence_logprobs` of packed sequences: the summed log-probs of each sequence's scored tokens.
-
-    Args:
-        logits: ``(1, T, V)`` logits of a forward pass over ``packed.input_ids``.
-        packed: the packed batch.
-
-    Returns:
-        ``(B,)``; the first token of each sequence is never scored (the logits before it belong to another sequence).
-    """
-    logp = shifted_token_logprobs(logits, packed.input_ids)[0]  # (T-1,) token t+1 given the tokens up to t
-    same = packed.segment[1:] == packed.segment[:-1]  # (T-1,) predicted from within its own sequence
-    mask = packed.loss_mask[1:].to(logp.dtype) * same.to(logp.dtype)
-    out = torch.zeros(packed.num_sequences, dtype=logp.dtype, device=logp.device)
-    return out.index_add(0, packed.segment[1:], logp * mask)
-
-
-def packed_sequences_supported() -> bool:
-    """Whether the installed transformers builds packed-sequence attention masks from restarting position ids
-    (``transformers.masking_utils.find_packed_sequence_indices``); older versions would attend across sequences."""
-    import importlib
-
-    try:
-        masking = importlib.import_module("transformers.masking_utils")
-    except ImportError:
-        return False
-    return hasattr(masking, "find_packed_sequence_indices")
