@@ -29,6 +29,7 @@ import torch
 from lightning_rlhf.data.batches import PreferenceBatch, PromptBatch, TokenBatch
 from lightning_rlhf.losses.aihf import RewardDemoTerm, TermNorm, aihf_reward_loss
 from lightning_rlhf.methods.aihf_dpo import _stream_names, demonstration_pairs
+from lightning_rlhf.methods.base import check_choice
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.models.roles import OptimizerRole, named_trainable
 from lightning_rlhf.packing import packed_sequences_supported
@@ -90,17 +91,14 @@ class AIHFModule(PPOModule):
         super().__init__(**kwargs)
         if w_D < 0 or w_P < 0 or w_D + w_P == 0:
             raise ValueError(f"model.w_D and model.w_P must be >= 0 and not both 0, got w_D={w_D}, w_P={w_P}")
-        if demo_term not in ("bt", "linear"):
-            raise ValueError(f"model.demo_term must be 'bt' or 'linear', got {demo_term!r}")
-        if term_norm not in ("per_term", "pooled"):
-            raise ValueError(f"model.term_norm must be 'per_term' or 'pooled', got {term_norm!r}")
+        check_choice("demo_term", demo_term, ("bt", "linear"))
+        check_choice("term_norm", term_norm, ("per_term", "pooled"))
         if reward_steps_per_iteration < 1:
             raise ValueError(f"model.reward_steps_per_iteration must be >= 1, got {reward_steps_per_iteration}")
         if policy_iterations_per_reward_step < 1:
             raise ValueError("model.policy_iterations_per_reward_step must be >= 1, got "
                              f"{policy_iterations_per_reward_step}")
-        if reward_moments not in ("reset", "keep"):
-            raise ValueError(f"model.reward_moments must be 'reset' or 'keep', got {reward_moments!r}")
+        check_choice("reward_moments", reward_moments, ("reset", "keep"))
         if reward_lr <= 0:
             raise ValueError(f"model.reward_lr must be positive, got {reward_lr}")
         if reward_padding_free and not packed_sequences_supported():

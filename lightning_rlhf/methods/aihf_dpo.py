@@ -33,6 +33,7 @@ import torch
 from lightning_rlhf.data.batches import PreferenceBatch, TokenBatch
 from lightning_rlhf.losses.aihf import DemoTerm, nll_demo_loss, spin_loss
 from lightning_rlhf.methods.dpo import DPOModule
+from lightning_rlhf.methods.base import check_choice
 from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
 from lightning_rlhf.rollout.generation import GenerationOutput, HFGenerator
 
@@ -123,14 +124,12 @@ class AIHFDPOModule(DPOModule):
         super().__init__(**kwargs)
         if w_P < 0 or w_D < 0 or w_P + w_D == 0:
             raise ValueError(f"model.w_P and model.w_D must be >= 0 and not both 0, got w_P={w_P}, w_D={w_D}")
-        if demo_term not in ("spin", "nll"):
-            raise ValueError(f"model.demo_term must be 'spin' or 'nll', got {demo_term!r}")
+        check_choice("demo_term", demo_term, ("spin", "nll"))
         if round_steps < 1:
             raise ValueError(f"model.round_steps must be >= 1, got {round_steps}")
         if demo_micro_batch_size is not None and demo_micro_batch_size < 1:
             raise ValueError(f"model.demo_micro_batch_size must be >= 1 or null, got {demo_micro_batch_size}")
-        if rollout_engine not in ("hf", "static"):
-            raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
+        check_choice("rollout_engine", rollout_engine, ("hf", "static"))
         self.w_P = float(w_P)
         self.w_D = float(w_D)
         self.demo_term: DemoTerm = demo_term

@@ -57,6 +57,12 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: LRSchedu
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise naming ``model.<flag>`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"model.{flag} must be one of {' | '.join(choices)}, got {value!r}")
+
+
 class RLHFModule(L.LightningModule):
     """Base of all methods. Not used directly.
 
@@ -131,8 +137,7 @@ class RLHFModule(L.LightningModule):
             raise ValueError(f"model.lr must be positive, got {lr}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
-        if on_nonfinite not in ("skip", "stop"):
-            raise ValueError(f"model.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+        check_choice("on_nonfinite", on_nonfinite, ("skip", "stop"))
         if lora_r < 0:
             raise ValueError(f"model.lora_r must be >= 0 (0 = no adapters), got {lora_r}")
         if lora_r > 0 and not self.lora_targets:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from lightning_rlhf.contrastive import AGGREGATIONS, Aggregation, baseline_record, read_baselines, write_baseline_file
+from lightning_rlhf.methods.base import check_choice
 from lightning_rlhf.methods.policy_samples import PolicySamplesModule
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.rollout.experience import Experience
@@ -127,8 +128,7 @@ class ContrastivePPOModule(PPOModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if on_missing_baseline not in ("fallback", "error"):
-            raise ValueError(f"model.on_missing_baseline must be 'fallback' or 'error', got {on_missing_baseline!r}")
+        check_choice("on_missing_baseline", on_missing_baseline, ("fallback", "error"))
         self.baseline_path = baseline_path
         self.on_missing_baseline: MissingBaseline = on_missing_baseline
         self._baselines: Optional[dict[str, float]] = None

@@ -45,7 +45,7 @@ implementation, the separate group head (the default placement).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ from lightning_rlhf.losses.gil import (
     invariance_sample_weights,
     variance_penalty,
 )
+from lightning_rlhf.methods.base import check_choice
 from lightning_rlhf.losses.ppo import policy_loss
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.rollout.experience import Experience
@@ -110,16 +111,14 @@ class GILModule(PPOModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if invariance not in ("variance", "worst_group"):
-            raise ValueError(f"model.invariance must be 'variance' or 'worst_group', got {invariance!r}")
+        check_choice("invariance", invariance, ("variance", "worst_group"))
         if beta_policy < 0:
             raise ValueError(f"model.beta_policy must be >= 0, got {beta_policy}")
         if num_groups < 2:
             raise ValueError(f"model.num_groups must be >= 2, got {num_groups}")
         if dro_step_size < 0:
             raise ValueError(f"model.dro_step_size must be >= 0, got {dro_step_size}")
-        if surrogate_prepass not in ("auto", "always", "never"):
-            raise ValueError(f"model.surrogate_prepass must be auto|always|never, got {surrogate_prepass!r}")
+        check_choice("surrogate_prepass", surrogate_prepass, ("auto", "always", "never"))
         if getattr(self, "kl_in", "reward") != "reward":
             raise ValueError("GILModule needs model.kl_in: reward (the KL enters the token rewards, where adaptive "
                              "exploration scales it; with kl_in: loss the invariance weights would also weight the "

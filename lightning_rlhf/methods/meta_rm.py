@@ -54,6 +54,7 @@ from lightning_rlhf.losses.meta_rm import (
     pairwise_abs_differences,
     within_prompt_std,
 )
+from lightning_rlhf.methods.base import check_choice
 from lightning_rlhf.methods.reward_model import RewardModelModule
 
 MetaOrder = Literal["first", "second"]
@@ -98,12 +99,10 @@ class MetaRewardModelModule(RewardModelModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if meta_order not in ("first", "second"):
-            raise ValueError(f"model.meta_order must be 'first' or 'second', got {meta_order!r}")
+        check_choice("meta_order", meta_order, ("first", "second"))
         if meta_lr is not None and meta_lr < 0:
             raise ValueError(f"model.meta_lr must be >= 0 or null (= model.lr), got {meta_lr}")
-        if difference_norm not in ("paper", "pairs"):
-            raise ValueError(f"model.difference_norm must be 'paper' or 'pairs', got {difference_norm!r}")
+        check_choice("difference_norm", difference_norm, ("paper", "pairs"))
         if abs_eps < 0:
             raise ValueError(f"model.abs_eps must be >= 0, got {abs_eps}")
         if meta_micro_batch_size is not None and meta_micro_batch_size < 1:

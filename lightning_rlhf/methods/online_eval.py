@@ -36,7 +36,7 @@ import torch
 
 from lightning_rlhf.contrastive import prompt_seed, sample_seed
 from lightning_rlhf.data.batches import PromptBatch
-from lightning_rlhf.losses.ppo import KLEstimator, kl_penalty
+from lightning_rlhf.losses.ppo import kl_penalty
 from lightning_rlhf.rewards import RewardSource, build_reward_source
 from lightning_rlhf.rollout.maker import response_logits, reward_input, wrap_generation
 from lightning_rlhf.rollout.scoring import token_logprobs

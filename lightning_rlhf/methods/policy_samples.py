@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.data.batches import PromptBatch, pad_sequences
-from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.base import RLHFModule, check_choice
 from lightning_rlhf.models.factory import load_causal_lm
 from lightning_rlhf.rewards import RewardSource, build_reward_source
 from lightning_rlhf.rollout.engine import StaticCacheGenerator, build_generator
@@ -119,8 +119,7 @@ class PolicySamplesModule(RLHFModule):
                              "model.reward_model_name_or_path OR model.reward_fn (the same as the PPO run's)")
         if num_samples < 1:
             raise ValueError(f"model.num_samples must be >= 1, got {num_samples}")
-        if rollout_engine not in ("hf", "static"):
-            raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
+        check_choice("rollout_engine", rollout_engine, ("hf", "static"))
         self.output_path = output_path
         self.num_samples = num_samples
         self.reward_model_name_or_path = reward_model_name_or_path

@@ -35,7 +35,7 @@ from lightning_rlhf.data.batches import PromptBatch, TokenBatch
 from lightning_rlhf.losses.ppo import KLEstimator, PolicyLossOutput, entropy_from_logits, kl_penalty, policy_loss
 from lightning_rlhf.losses.ppo import token_rewards, value_loss
 from lightning_rlhf.losses.sft import masked_nll_sum
-from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.base import RLHFModule, check_choice
 from lightning_rlhf.methods.online_eval import OnlineEvaluator, RewardSpec
 from lightning_rlhf.models.factory import load_causal_lm, load_reference
 from lightning_rlhf.models.value import ScalarHeadModel, load_scalar_model
@@ -252,12 +252,11 @@ class PPOModule(RLHFModule):
         super().__init__(lr=lr, **kwargs)
         if (reward_model_name_or_path is None) == (reward_fn is None):
             raise ValueError("PPO needs exactly one reward source: set model.reward_model_name_or_path OR model.reward_fn")
-        if critic not in ("separate", "shared", "none"):
-            raise ValueError(f"model.critic must be 'separate', 'shared' or 'none', got {critic!r}")
-        _check_choice("advantage", advantage, ("gae", "grpo", "rloo", "reinforce_pp"))
-        _check_choice("scale_rewards", scale_rewards, ("group", "batch", "none"))
-        _check_choice("kl_in", kl_in, ("reward", "loss"))
-        _check_choice("loss_agg", loss_agg, ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"))
+        check_choice("critic", critic, ("separate", "shared", "none"))
+        check_choice("advantage", advantage, ("gae", "grpo", "rloo", "reinforce_pp"))
+        check_choice("scale_rewards", scale_rewards, ("group", "batch", "none"))
+        check_choice("kl_in", kl_in, ("reward", "loss"))
+        check_choice("loss_agg", loss_agg, ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"))
         if advantage == "gae" and critic == "none":
             raise ValueError("model.advantage: gae needs a critic; set model.critic: separate | shared, or a "
                              "critic-free model.advantage (grpo, rloo, reinforce_pp)")
@@ -275,8 +274,7 @@ class PPOModule(RLHFModule):
             raise ValueError(f"model.clip_eps_high must be > 0 or null, got {clip_eps_high}")
         if reward_norm not in REWARD_NORMS:
             raise ValueError(f"model.reward_norm must be none|scale|norm|norm_clip, got {reward_norm!r}")
-        if kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"model.kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        check_choice("kl_estimator", kl_estimator, ("k1", "k3"))
         if ppo_epochs < 1:
             raise ValueError(f"model.ppo_epochs must be >= 1, got {ppo_epochs}")
         if mini_batch_size is not None and mini_batch_size < 1:
@@ -292,17 +290,14 @@ class PPOModule(RLHFModule):
             raise ValueError(f"model.critic_lr must be positive, got {critic_lr}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0 (PPO samples its responses), got {temperature}")
-        if on_nonfinite_reward not in ("drop", "fail"):
-            raise ValueError(f"model.on_nonfinite_reward must be 'drop' or 'fail', got {on_nonfinite_reward!r}")
+        check_choice("on_nonfinite_reward", on_nonfinite_reward, ("drop", "fail"))
         self.on_nonfinite_reward: NonFiniteRewardPolicy = on_nonfinite_reward
-        if rollout_engine not in ("hf", "static"):
-            raise ValueError(f"model.rollout_engine must be 'hf' or 'static', got {rollout_engine!r}")
+        check_choice("rollout_engine", rollout_engine, ("hf", "static"))
         if (rollout_compile or reuse_rollout_logprobs) and rollout_engine != "static":
             raise ValueError("model.rollout_compile and model.reuse_rollout_logprobs need model.rollout_engine: static")
         if n_samples_per_prompt < 1:
             raise ValueError(f"model.n_samples_per_prompt must be >= 1, got {n_samples_per_prompt}")
-        if feature_source not in ("critic", "policy"):
-            raise ValueError(f"model.feature_source must be 'critic' or 'policy', got {feature_source!r}")
+        check_choice("feature_source", feature_source, ("critic", "policy"))
         self.ref_model_name_or_path = ref_model_name_or_path or self.model_name_or_path
         self.reward_model_name_or_path = reward_model_name_or_path
         self.reward_fn_spec = reward_fn
@@ -970,9 +965,3 @@ class PPOModule(RLHFModule):
         """Restore the iteration counter and ``kl_coef``; frozen models are rebuilt from their paths."""
         super().on_load_checkpoint(checkpoint)
         self.kl_coef = float(checkpoint.get("kl_coef", self.kl_coef))
-
-
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise naming ``model.<flag>`` when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"model.{flag} must be one of {' | '.join(choices)}, got {value!r}")

@@ -10,7 +10,7 @@ from torchmetrics.text import Perplexity
 
 from lightning_rlhf.data.batches import TokenBatch
 from lightning_rlhf.losses.sft import masked_nll_sum
-from lightning_rlhf.methods.base import RLHFModule
+from lightning_rlhf.methods.base import RLHFModule, check_choice
 from lightning_rlhf.models.factory import load_causal_lm
 from lightning_rlhf.packing import has_padding, pack_sequences, packed_sequences_supported, packed_token_nll
 
@@ -40,8 +40,7 @@ class SFTModule(RLHFModule):
 
     def __init__(self, packing: SFTPacking = "none", pack_row_length: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if packing not in ("none", "padding_free", "greedy"):
-            raise ValueError(f"model.packing must be 'none', 'padding_free' or 'greedy', got {packing!r}")
+        check_choice("packing", packing, ("none", "padding_free", "greedy"))
         if packing != "none" and not packed_sequences_supported():
             raise ValueError(f"model.packing: {packing} needs a transformers version with packed-sequence attention "
                              "masks (transformers.masking_utils.find_packed_sequence_indices); upgrade transformers or "
