@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.group_inference import GROUP_HIGH, GROUP_POSTERIOR, group_means
-from callbacks.protocols import KL_SCALE, ExperienceAnnotatable, missing_members
+from callbacks.protocols import KL_SCALE, ExperienceAnnotatable, require_protocol
 
 ExplorationForm = Literal["paper", "mean_preserving"]
 
@@ -79,12 +79,7 @@ class AdaptiveExploration(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the protocol and register the hook (after the group inference's, by callback order)."""
-        if not isinstance(pl_module, ExperienceAnnotatable):
-            missing = missing_members(pl_module, ExperienceAnnotatable)
-            raise TypeError(
-                f"AdaptiveExploration needs a LightningModule implementing callbacks.protocols.ExperienceAnnotatable; "
-                f"{type(pl_module).__name__} lacks: {', '.join(missing) or '?'}"
-            )
+        require_protocol(pl_module, ExperienceAnnotatable, "AdaptiveExploration")
         pl_module.register_experience_hook(type(self).__name__, self.annotate, needs_features=False)
 
     def annotate(self, view: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.protocols import KLControlled, missing_members
+from callbacks.protocols import KLControlled, require_protocol
 
 KLUnit = Literal["seq_sum", "token_mean"]
 _STAT_KEY = {"seq_sum": "kl_seq_sum", "token_mean": "kl_token_mean"}
@@ -68,13 +68,9 @@ class AdaptiveKLController(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the module implements ``KLControlled`` and take the initial ``beta``."""
-        if not isinstance(pl_module, KLControlled):
-            missing = missing_members(pl_module, KLControlled)
-            raise TypeError(
-                f"AdaptiveKLController needs a LightningModule implementing callbacks.protocols.KLControlled "
-                f"(a settable `kl_coef: float` and `last_rollout_stats() -> Mapping[str, float]`); "
-                f"{type(pl_module).__name__} lacks: {', '.join(missing) or '?'}. Remove the callback for fixed-KL training."
-            )
+        require_protocol(pl_module, KLControlled, "AdaptiveKLController",
+                         needs=" (a settable `kl_coef: float` and `last_rollout_stats() -> Mapping[str, float]`)",
+                         advice=". Remove the callback for fixed-KL training.")
         if self.kl_coef is None:
             self.kl_coef = float(self.init_kl_coef if self.init_kl_coef is not None else pl_module.kl_coef)
         pl_module.kl_coef = self.kl_coef

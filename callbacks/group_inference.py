@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from callbacks.protocols import ExperienceAnnotatable, GroupHeadHost, missing_members
+from callbacks.protocols import ExperienceAnnotatable, GroupHeadHost, require_protocol
 
 Placement = Literal["separate", "critic"]
 
@@ -242,22 +242,12 @@ class GroupInference(Callback):
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the protocol and register the hook (it needs the module's per-rollout ``features``)."""
-        if not isinstance(pl_module, ExperienceAnnotatable):
-            missing = missing_members(pl_module, ExperienceAnnotatable)
-            raise TypeError(
-                f"GroupInference needs a LightningModule implementing callbacks.protocols.ExperienceAnnotatable "
-                f"(`rollout_view()` and `register_experience_hook(name, hook, needs_features)`); "
-                f"{type(pl_module).__name__} lacks: {', '.join(missing) or '?'}"
-            )
+        require_protocol(pl_module, ExperienceAnnotatable, "GroupInference",
+                         needs=" (`rollout_view()` and `register_experience_hook(name, hook, needs_features)`)")
         if self.placement == "critic":
-            if not isinstance(pl_module, GroupHeadHost):
-                missing = missing_members(pl_module, GroupHeadHost)
-                raise TypeError(
-                    f"GroupInference(placement='critic') needs a LightningModule implementing "
-                    f"callbacks.protocols.GroupHeadHost (`group_head`, `install_group_head(build_head, loss_fn, "
-                    f"loss_weight, lr)`) to host the head in its critic; {type(pl_module).__name__} lacks: "
-                    f"{', '.join(missing) or '?'} (use placement='separate')"
-                )
+            require_protocol(pl_module, GroupHeadHost, "GroupInference(placement='critic')",
+                             needs=" (`group_head`, `install_group_head(build_head, loss_fn, loss_weight, lr)`) to host "
+                                   "the head in its critic", advice=" (use placement='separate')")
             loss_fn = functools.partial(group_inference_loss, entropy_coef=self.entropy_coef)
             pl_module.install_group_head(self.new_head, loss_fn, self.critic_loss_weight, self.lr)
             self._host = pl_module

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.protocols import MetaStepScheduled, missing_members
+from callbacks.protocols import MetaStepScheduled, require_protocol
 
 
 class MetaStepSchedule(Callback):
@@ -54,13 +54,9 @@ class MetaStepSchedule(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the module implements ``MetaStepScheduled``."""
-        if not isinstance(pl_module, MetaStepScheduled):
-            missing = missing_members(pl_module, MetaStepScheduled)
-            raise TypeError(
-                "MetaStepSchedule needs a LightningModule implementing callbacks.protocols.MetaStepScheduled "
-                "(a settable `meta_step_enabled: bool`, `meta_steps: int` and `meta_score_spread(batch) -> float`); "
-                f"{type(pl_module).__name__} lacks: {', '.join(missing) or '?'}."
-            )
+        require_protocol(pl_module, MetaStepScheduled, "MetaStepSchedule",
+                         needs=" (a settable `meta_step_enabled: bool`, `meta_steps: int` and "
+                               "`meta_score_spread(batch) -> float`)", advice=".")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation before the first training step sees the schedule's state, not a stale one."""

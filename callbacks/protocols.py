@@ -58,6 +58,24 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     return sorted(n for n in names if not hasattr(obj, n))
 
 
+def require_protocol(obj: object, protocol: type, user: str, needs: str = "", advice: str = "") -> None:
+    """Raise a ``TypeError`` naming ``user``, ``protocol`` and the members ``obj`` lacks unless ``obj`` implements it.
+
+    The check every callback's ``setup`` makes before it talks to the module.
+
+    Args:
+        obj: the object to check (usually the LightningModule).
+        protocol: a ``runtime_checkable`` ``typing.Protocol`` class of this module.
+        user: who needs it, e.g. ``"AdaptiveKLController"``.
+        needs: what the protocol asks for, in words (``" (a settable `kl_coef` ...)"``), placed after its name.
+        advice: text after the list of missing members (what to do instead).
+    """
+    if not isinstance(obj, protocol):
+        missing = ", ".join(missing_members(obj, protocol)) or "?"
+        raise TypeError(f"{user} needs a LightningModule implementing callbacks.protocols.{protocol.__name__}{needs}; "
+                        f"{type(obj).__name__} lacks: {missing}{advice}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The contract of methods that act in the middle of an iteration (GIL's group inference and adaptive exploration,
 # anything a user writes): a non-consuming view of the iteration's per-sample tensors, and hooks that annotate the
