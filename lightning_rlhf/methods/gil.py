@@ -69,8 +69,8 @@ from lightning_rlhf.methods.base import check_choice
 from lightning_rlhf.losses.ppo import policy_loss
 from lightning_rlhf.methods.ppo import PPOModule
 from lightning_rlhf.rollout.experience import Experience
-from lightning_rlhf.rollout.maker import response_logits
-from lightning_rlhf.rollout.scoring import last_token_index, token_logprobs
+from lightning_rlhf.rollout.maker import last_token_features, response_logits
+from lightning_rlhf.rollout.scoring import token_logprobs
 
 SurrogatePrepass = Literal["auto", "always", "never"]
 
@@ -203,7 +203,7 @@ class GILModule(PPOModule):
             else:
                 _, hidden = response_logits(self.policy, micro.sequences, micro.attention_mask, micro.prompt_length,
                                             self.temperature, output_hidden_states=True)
-            out.append(_last_token_rows(hidden, micro.attention_mask))
+            out.append(last_token_features(hidden, micro.attention_mask))
         return torch.cat(out)
 
     def prepare_critic_minibatch(self, minibatch: Experience, step: int) -> Experience:
@@ -239,7 +239,7 @@ class GILModule(PPOModule):
             return None
         if outputs.critic_hidden is None:
             raise RuntimeError("GILModule: the hosted group head needs the critic's hidden states in the update")
-        features = _last_token_rows(outputs.critic_hidden, micro.attention_mask)
+        features = last_token_features(outputs.critic_hidden, micro.attention_mask, detach=False)
         head_param = next(self.group_head.parameters())
         q = torch.softmax(self.group_head(features.to(head_param.dtype)), dim=-1)
         return hosted_group_surrogate(q, micro.extras["group_loss_coef"])
@@ -363,10 +363,3 @@ class GILModule(PPOModule):
             self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scores))
             out.update({k: torch.tensor(v) for k, v in metrics.items()})
         return out
-
-
-def _last_token_rows(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, H)`` float32 hidden state at each row's last real token, keeping the graph (the rollout's ``features``
-    are the same rows, detached: ``lightning_rlhf.rollout.maker.last_token_features``)."""
-    idx = last_token_index(attention_mask)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()

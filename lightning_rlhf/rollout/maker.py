@@ -68,18 +68,21 @@ def response_logits(
     return logits, hidden
 
 
-def last_token_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_features(hidden: torch.Tensor, attention_mask: torch.Tensor, detach: bool = True) -> torch.Tensor:
     """Per-sequence features: the hidden state at the last real token (the last response token, or EOS).
 
     Args:
         hidden: ``(B, T, H)`` hidden states.
         attention_mask: ``(B, T)``.
+        detach: cut the graph (the rollout's features); ``False`` keeps it (a loss on the features, e.g. GIL's group
+            head inside the critic).
 
     Returns:
-        ``(B, H)`` float32, detached.
+        ``(B, H)`` float32.
     """
     idx = last_token_index(attention_mask)  # (B,)
-    return hidden.detach()[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
+    hidden = hidden.detach() if detach else hidden
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()
 
 
 def wrap_generation(
